@@ -1,0 +1,21 @@
+"""Plain ``torch.nn`` building blocks; nothing here imports Lightning or Hydra."""
+
+from xvariants.layers.attention import DecodingCache, KVCache, MultiHeadAttention, attention_mask
+from xvariants.layers.block import TransformerBlock
+from xvariants.layers.feedforward import FeedForward
+from xvariants.layers.hooks import HookPoint
+from xvariants.layers.positions import LearnedPositions, SinusoidalPositions, build_positions, sinusoid_table
+
+__all__ = [
+    "DecodingCache",
+    "FeedForward",
+    "HookPoint",
+    "KVCache",
+    "LearnedPositions",
+    "MultiHeadAttention",
+    "SinusoidalPositions",
+    "TransformerBlock",
+    "attention_mask",
+    "build_positions",
+    "sinusoid_table",
+]

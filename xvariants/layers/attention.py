@@ -1,0 +1,143 @@
+"""Multi-head self-attention on ``F.scaled_dot_product_attention``, with a KV cache.
+
+Masks are built only when they are needed: a plain causal or bidirectional call goes to
+SDPA with ``is_causal`` and no mask tensor, which lets PyTorch pick its fused kernels.
+Attention probabilities are materialised only when asked for (``need_weights``) or when a
+hook listens on ``hook_pattern``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xvariants.layers.hooks import HookPoint
+
+
+class KVCache:
+    """Keys and values of one attention layer for incremental decoding.
+
+    Tensors are ``[B, H, S, Dh]``; ``append`` concatenates along S and returns the whole cache.
+    """
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.size(2)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k is None:
+            self.k, self.v = k, v
+        else:
+            if k.size(0) != self.k.size(0):
+                raise ValueError(f"KV cache holds batch size {self.k.size(0)}, got {k.size(0)}")
+            self.k = torch.cat([self.k, k], dim=2)
+            self.v = torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+class DecodingCache:
+    """One :class:`KVCache` per attention layer of a body, plus the number of cached positions."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.layers = [KVCache() for _ in range(n_layers)]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length if self.layers else 0
+
+
+def attention_mask(
+    q_len: int,
+    k_len: int,
+    *,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """Boolean mask ``[B or 1, 1, q_len, k_len]``, True where a query may attend.
+
+    Queries are the last ``q_len`` of the ``k_len`` positions (the earlier ones are cached).
+    Each query may always see itself: a padded query would otherwise see no key at all and
+    SDPA would return NaN there, which leaks into real positions through ``0 * NaN`` in later
+    layers. Real queries never attend to padding, so this changes nothing for them.
+    """
+    offset = k_len - q_len
+    q_idx = torch.arange(q_len, device=device)[:, None] + offset
+    k_idx = torch.arange(k_len, device=device)[None, :]
+    allowed = (k_idx <= q_idx) if causal else torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    allowed = allowed[None, None]
+    if key_padding_mask is not None:
+        if key_padding_mask.shape[-1] != k_len:
+            raise ValueError(f"padding mask covers {key_padding_mask.shape[-1]} positions, attention sees {k_len}")
+        allowed = allowed & ~key_padding_mask[:, None, None, :].bool()
+    return allowed | (k_idx == q_idx)[None, None]
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head self-attention with a fused QKV projection.
+
+    :param d_model: model width; must be divisible by ``n_heads``.
+    :param n_heads: number of heads.
+    :param dropout: dropout on the attention probabilities.
+    :param bias: whether the QKV and output projections have biases.
+
+    ``forward(x, causal=..., key_padding_mask=..., kv_cache=..., need_weights=...)`` takes
+    ``x`` ``[B, T, D]``; ``key_padding_mask`` ``[B, S]`` is True at padded keys (S = cached + T).
+    Returns ``(out [B, T, D], weights [B, H, T, S] or None)``.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        if d_model % n_heads:
+            from xvariants.config_errors import ConfigError
+
+            raise ConfigError(
+                "model.n_heads", f"d_model={d_model} is not divisible by n_heads={n_heads}", "divisors of d_model"
+            )
+        self.d_model, self.n_heads, self.d_head = d_model, n_heads, d_model // n_heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.out = nn.Linear(d_model, d_model, bias=bias)
+        self.out.residual_projection = True
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
+        self.hook_pattern = HookPoint()
+        self.hook_z = HookPoint()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        causal: bool,
+        key_padding_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)
+        S = k.size(2)
+        p_drop = self.dropout if self.training else 0.0
+        simple = key_padding_mask is None and (S == T or not causal)
+        mask = None if simple else attention_mask(T, S, causal=causal, key_padding_mask=key_padding_mask, device=x.device)
+        weights = None
+        if need_weights or self.hook_pattern.has_hooks():
+            if mask is None and causal:
+                mask = attention_mask(T, S, causal=True, key_padding_mask=None, device=x.device)
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.d_head)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            weights = self.hook_pattern(scores.softmax(dim=-1))
+            y = F.dropout(weights, p_drop, self.training) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop, is_causal=simple and causal)
+        y = self.hook_z(y.transpose(1, 2)).reshape(B, T, D)
+        return self.out(y), weights

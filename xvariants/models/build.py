@@ -1,0 +1,38 @@
+"""Build a model from one flat, plain-typed config dict (what Hydra composes and what the
+checkpoint stores), so ``load_from_checkpoint`` needs no Hydra."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from xvariants.config_errors import ConfigError, require
+from xvariants.models.lm import LanguageModel
+from xvariants.models.registry import BODIES, build_body
+
+#: keys that configure the embedding/head around the body; everything else goes to the body
+LM_KEYS = ("positions", "max_len", "tie_embeddings", "emb_dropout", "embed_scale")
+
+
+def split_model_config(config: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """``{"body": name, <LM keys>, <body keys>}`` -> (name, LM kwargs, body kwargs)."""
+    config = dict(config)
+    name = config.pop("body", None)
+    require(name is not None, "model.body", "missing", sorted(BODIES))
+    config.pop("vocab_size", None)
+    lm_kwargs = {k: config.pop(k) for k in LM_KEYS if k in config}
+    return name, lm_kwargs, config
+
+
+def build_language_model(config: dict[str, Any], vocab_size: int) -> LanguageModel:
+    """Build ``embedding -> body -> head`` from a flat model config."""
+    require(isinstance(vocab_size, int) and vocab_size > 0, "data.vocab_size", f"must be a positive int, got {vocab_size}")
+    name, lm_kwargs, body_kwargs = split_model_config(config)
+    if "positions" in lm_kwargs and lm_kwargs["positions"] not in (None, "learned", "sinusoidal", "none"):
+        raise ConfigError("model.positions", f"unknown kind {lm_kwargs['positions']!r}", ["learned", "sinusoidal", "none"])
+    if "max_len" in lm_kwargs:
+        require(lm_kwargs["max_len"] >= 1, "model.max_len", f"must be >= 1, got {lm_kwargs['max_len']}")
+    body = build_body(name, **body_kwargs)
+    lm_params = inspect.signature(LanguageModel.__init__).parameters
+    assert all(k in lm_params for k in lm_kwargs)
+    return LanguageModel(body, vocab_size, **lm_kwargs)

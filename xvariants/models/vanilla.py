@@ -1,0 +1,94 @@
+"""Vanilla Transformer body: a stack of independent blocks (encoder or causal decoder)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from xvariants.config_errors import require
+from xvariants.layers.attention import DecodingCache
+from xvariants.layers.block import TransformerBlock
+from xvariants.layers.init import init_gpt2
+from xvariants.models.contract import AuxOutput, Body, BodyOutput, State
+from xvariants.models.registry import register_body
+
+
+@register_body("vanilla")
+class VanillaBody(Body):
+    """``n_layers`` transformer blocks with their own weights.
+
+    :param d_model: model width.
+    :param n_layers: number of blocks.
+    :param n_heads: attention heads per block.
+    :param d_ff: feed-forward width (default ``4 * d_model``).
+    :param dropout: residual dropout.
+    :param attn_dropout: attention-probability dropout (default: ``dropout``).
+    :param causal: decoder (True) or bidirectional encoder (False).
+    :param norm_first: pre-LN (True, with a final LayerNorm) or post-LN (False).
+    :param activation: feed-forward activation.
+    :param bias: biases in linear maps and LayerNorms.
+    :param init_std: std of the GPT-2 initialisation.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_layers: int,
+        n_heads: int,
+        d_ff: int | None = None,
+        dropout: float = 0.1,
+        attn_dropout: float | None = None,
+        causal: bool = True,
+        norm_first: bool = True,
+        activation: str = "gelu",
+        bias: bool = True,
+        init_std: float = 0.02,
+    ):
+        super().__init__()
+        require(n_layers >= 1, "model.n_layers", f"must be >= 1, got {n_layers}")
+        require(d_model >= 1, "model.d_model", f"must be >= 1, got {d_model}")
+        require(0.0 <= dropout < 1.0, "model.dropout", f"must be in [0, 1), got {dropout}")
+        self.d_model, self.causal = d_model, causal
+        self.blocks = nn.ModuleList(
+            TransformerBlock(
+                d_model,
+                n_heads,
+                d_ff or 4 * d_model,
+                dropout=dropout,
+                attn_dropout=dropout if attn_dropout is None else attn_dropout,
+                norm_first=norm_first,
+                activation=activation,
+                bias=bias,
+            )
+            for _ in range(n_layers)
+        )
+        # Pre-LN leaves the residual stream unnormalised; post-LN blocks end in a LayerNorm already.
+        self.ln_f = nn.LayerNorm(d_model, bias=bias) if norm_first else nn.Identity()
+        init_gpt2(self, n_layers, std=init_std)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        state: State | None = None,
+        *,
+        padding_mask: torch.Tensor | None = None,
+        cache: DecodingCache | None = None,
+        return_attention: bool = False,
+    ) -> BodyOutput:
+        if state is not None:
+            raise ValueError("the vanilla body is stateless: pass state=None (use the xl body for segment memory)")
+        attentions = [] if return_attention else None
+        for i, block in enumerate(self.blocks):
+            h, w = block(
+                h,
+                causal=self.causal,
+                key_padding_mask=padding_mask,
+                kv_cache=None if cache is None else cache.layers[i],
+                need_weights=return_attention,
+            )
+            if attentions is not None:
+                attentions.append(w)
+        return BodyOutput(self.ln_f(h), None, AuxOutput(attentions=attentions))
+
+    def new_cache(self) -> DecodingCache:
+        return DecodingCache(len(self.blocks))
