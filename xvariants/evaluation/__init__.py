@@ -1,0 +1,1 @@
+"""Evaluation procedures (perplexity over a split, baselines)."""

@@ -1,0 +1,1 @@
+"""Lightning-side pieces: the LightningModule, optimisation, safe checkpoints, config checks."""

@@ -1,0 +1,206 @@
+"""``train(cfg)`` and ``evaluate(cfg)``: what train.py / eval.py call, and what tests call
+directly with a composed config (no subprocess needed)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from xvariants.config_errors import ConfigError
+from xvariants.evaluation.baselines import nats_to_bits, unigram_cross_entropy
+from xvariants.training.checkpoint import AtomicCheckpointIO, CheckpointError, safe_load
+from xvariants.training.module import BIT_UNITS, LMTask
+from xvariants.training.validate import validate_train_config
+
+log = logging.getLogger("xvariants")
+
+# Lightning warns that a mid-epoch resume may replay data; our datamodule resumes at the
+# exact batch (LMTask.on_load_checkpoint), so the warning does not apply.
+warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
+def _plain(cfg: DictConfig | dict) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+def instantiate_group(group: dict | None) -> list:
+    """Instantiate every entry of a callbacks/logger group that has a ``_target_``."""
+    objs = []
+    for name, conf in (group or {}).items():
+        if isinstance(conf, dict) and "_target_" in conf:
+            objs.append(hydra.utils.instantiate(conf))
+    return objs
+
+
+def build_datamodule(data: dict, tokenizer_state: dict | None = None):
+    data = dict(data)
+    if tokenizer_state is not None:
+        data["tokenizer_state"] = tokenizer_state
+    return hydra.utils.instantiate(data, _convert_="all")
+
+
+def check_resume_compatible(ckpt: dict, model_cfg: dict, vocab_size: int, path: str) -> None:
+    """Refuse a checkpoint trained with another model or vocabulary, naming what differs."""
+    hp = ckpt.get("hyper_parameters") or {}
+    if "model" not in hp:
+        raise CheckpointError(f"{path} was not written by xvariants (no model config in its hyper-parameters)")
+    if hp.get("vocab_size") != vocab_size:
+        raise CheckpointError(f"{path} has vocab_size={hp.get('vocab_size')}, this run's data gives {vocab_size}")
+    diff = sorted(k for k in set(hp["model"]) | set(model_cfg) if hp["model"].get(k) != model_cfg.get(k))
+    if diff:
+        detail = ", ".join(f"model.{k}: checkpoint {hp['model'].get(k)!r} vs config {model_cfg.get(k)!r}" for k in diff)
+        raise CheckpointError(f"{path} was trained with a different model ({detail})")
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train (and optionally test) from a composed ``train.yaml``; returns final metrics."""
+    plain = _plain(cfg)
+    validate_train_config(plain)
+    L.seed_everything(plain["seed"], workers=True)
+    out_dir = Path(plain["paths"]["output_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    ckpt = None
+    if plain.get("ckpt_path"):
+        ckpt = safe_load(plain["ckpt_path"])
+    tok_state = (ckpt or {}).get("hyper_parameters", {}).get("tokenizer_state")
+    dm = build_datamodule(plain["data"], tok_state)
+    dm.setup("fit")
+    if ckpt is not None:
+        check_resume_compatible(ckpt, plain["model"], dm.vocab_size, plain["ckpt_path"])
+
+    task = LMTask(
+        model=plain["model"],
+        vocab_size=dm.vocab_size,
+        optim=plain["optim"],
+        tokenizer_state=dm.tokenizer.to_dict(),
+        data_meta=dm.meta,
+        unit=dm.unit,
+        compile=plain.get("compile", False),
+        log_accuracy=plain.get("log_accuracy", False),
+        data=plain["data"],
+    )
+    _write_run_files(out_dir, plain, dm, task)
+
+    trainer: L.Trainer = hydra.utils.instantiate(
+        plain["trainer"],
+        callbacks=instantiate_group(plain.get("callbacks")),
+        logger=instantiate_group(plain.get("logger")) or False,
+        plugins=[AtomicCheckpointIO()],
+    )
+    if plain.get("train", True):
+        trainer.fit(task, datamodule=dm, ckpt_path=plain.get("ckpt_path"), weights_only=True)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if plain.get("test"):
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
+        trainer.test(task, datamodule=dm, ckpt_path=best or None, weights_only=True)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+    if trainer.is_global_zero:
+        _report(trainer, task, dm, metrics, out_dir, plain.get("sample_tokens", 0))
+    return metrics
+
+
+def _write_run_files(out_dir: Path, plain: dict, dm, task: LMTask) -> None:
+    """The composed config, data metadata and tokenizer, next to the checkpoints."""
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(plain)))
+    meta = {
+        "python_version": sys.version,
+        "torch_version": torch.__version__,
+        "data": dm.meta,
+        "unit": dm.unit,
+        "vocab_size": dm.vocab_size,
+        "parameters": sum(p.numel() for p in task.model.parameters()),
+    }
+    (out_dir / "run_meta.json").write_text(json.dumps(meta, indent=2, default=str))
+    (out_dir / "tokenizer.json").write_text(json.dumps(dm.tokenizer.to_dict()))
+
+
+def _report(trainer, task: LMTask, dm, metrics: dict, out_dir: Path, sample_tokens: int) -> None:
+    """Print what a researcher wants after a run: the figure, the baseline, where things are."""
+    lines = [f"parameters: {sum(p.numel() for p in task.model.parameters()):,}"]
+    unit = dm.unit
+    if "val/loss" in metrics:
+        lines.append(f"validation loss: {metrics['val/loss']:.4f} nats/{unit}  (ppl {metrics.get('val/ppl', float('nan')):.3f})")
+    if unit in BIT_UNITS and "val/bpc" in metrics and hasattr(dm, "tokens"):
+        uni = nats_to_bits(unigram_cross_entropy(dm.tokens("train"), dm.tokens("valid"), dm.vocab_size))
+        lines.append(f"validation bpc: {metrics['val/bpc']:.4f} {BIT_UNITS[unit]}  (unigram baseline: {uni:.4f})")
+    for k in ("test/loss", "test/ppl", "test/bpc"):
+        if k in metrics:
+            lines.append(f"{k}: {metrics[k]:.4f}")
+    ck = trainer.checkpoint_callback
+    if ck is not None and getattr(ck, "last_model_path", ""):
+        lines.append(f"checkpoints: best {ck.best_model_path or '-'} | last {ck.last_model_path}")
+    lines.append(f"logs and config: {out_dir}")
+    if sample_tokens and hasattr(dm, "tokens") and hasattr(dm.tokenizer, "decode"):
+        lines.append("sample: " + repr(_sample(task, dm, sample_tokens)))
+    print("\n".join(lines), flush=True)
+
+
+def _sample(task: LMTask, dm, n: int) -> str:
+    valid = dm.tokens("valid")
+    prompt = torch.as_tensor(valid[:16].astype("int64"))[None].to(task.device)
+    g = torch.Generator(device=task.device).manual_seed(0)
+    out = task.model.generate(prompt, n, temperature=0.8, top_k=50, generator=g)
+    return dm.tokenizer.decode(out[0].tolist())
+
+
+def load_task(ckpt_path: str) -> tuple[LMTask, dict]:
+    """Rebuild an :class:`LMTask` from a checkpoint without Hydra (``weights_only`` load)."""
+    ckpt = safe_load(ckpt_path)
+    hp = ckpt.get("hyper_parameters") or {}
+    if "model" not in hp or "vocab_size" not in hp:
+        raise CheckpointError(f"{ckpt_path} was not written by xvariants (no model config in its hyper-parameters)")
+    task = LMTask(**hp)
+    missing, unexpected = task.load_state_dict(ckpt["state_dict"], strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{ckpt_path}: weights do not match the model it describes (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    return task, ckpt
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Loss / ppl / bpc of a checkpoint on one split (``eval.yaml``)."""
+    plain = _plain(cfg)
+    if plain.get("split") not in ("valid", "test"):
+        raise ConfigError("split", f"unknown split {plain.get('split')!r}", ["valid", "test"])
+    task, _ = load_task(plain["ckpt_path"])
+    data = dict(task.hparams.data or {})
+    if not data:
+        raise CheckpointError(f"{plain['ckpt_path']} does not record its data config; cannot rebuild the test split")
+    for key in ("batch_size", "seq_len"):
+        if plain.get(key) is not None:
+            data[f"eval_{key}"] = plain[key]
+    if plain.get("data"):
+        data.update(plain["data"])
+    dm = build_datamodule(data, task.hparams.tokenizer_state)
+    dm.setup("test")
+    trainer = L.Trainer(
+        accelerator="cpu" if not torch.cuda.is_available() else "auto",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        use_distributed_sampler=False,
+        enable_progress_bar=True,
+    )
+    loader = dm.test_dataloader() if plain["split"] == "test" else dm.val_dataloader()
+    trainer.test(task, dataloaders=loader, verbose=False)
+    metrics = {k.replace("test/", f"{plain['split']}/"): float(v) for k, v in trainer.callback_metrics.items()}
+    unit = task.hparams.unit
+    print(f"checkpoint: {plain['ckpt_path']}")
+    for k, v in sorted(metrics.items()):
+        print(f"{k}: {v:.4f}" + (f"  ({BIT_UNITS[unit]})" if k.endswith("/bpc") and unit in BIT_UNITS else ""))
+    return metrics
