@@ -8,8 +8,11 @@ extra losses the body reports, aux statistics logged as they come, recurrent sta
 from __future__ import annotations
 
 import math
+import random
 import time
 from typing import Any
+
+import numpy as np
 
 import lightning as L
 import torch
@@ -56,6 +59,7 @@ class LMTask(L.LightningModule):
         self.last_aux: AuxOutput | None = None  # for callbacks (ponder maps, ...)
         self._next_batch = 0  # index of the next training batch within the epoch
         self._resumed_mid_epoch = False
+        self._rng_to_restore: dict | None = None
         self._eval_state = None
         self._eval_sums: dict[str, torch.Tensor] = {}
         self._t_batch = None
@@ -89,6 +93,10 @@ class LMTask(L.LightningModule):
         return loss
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:
+            # dropout of the first resumed batch draws what the uninterrupted run drew
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
         self._t_batch = time.perf_counter()
 
     def on_train_batch_end(self, outputs, batch: Any, batch_idx: int) -> None:
@@ -191,6 +199,7 @@ class LMTask(L.LightningModule):
             "next_batch": self._next_batch,
             "train_state": map_state(state, lambda t: t.detach().cpu()),
             "world_size": self.trainer.world_size if self._trainer is not None else 1,
+            "rng": get_rng_state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -207,6 +216,30 @@ class LMTask(L.LightningModule):
         self.train_state = state
         self._next_batch = xv.get("next_batch", 0)
         self._resumed_mid_epoch = self._next_batch > 0
+        self._rng_to_restore = xv.get("rng")
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "resume_batch"):
             datamodule.resume_batch = self._next_batch
+
+
+def get_rng_state() -> dict:
+    """Global RNG states as tensors and ints only (so ``weights_only`` loading accepts them)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
+        "python": list(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
