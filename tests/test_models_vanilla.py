@@ -176,3 +176,22 @@ def test_learned_positions_refuse_sequences_past_max_len():
     model = lm(max_len=8)
     with pytest.raises(ValueError, match="max_len"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_fused_cross_entropy_matches_autograd_reference():
+    from xvariants.models.heads import token_nll
+
+    torch.manual_seed(0)
+    logits = torch.randn(12, 9, requires_grad=True)
+    targets = torch.randint(0, 9, (12,))
+    targets[[2, 7]] = -100
+    weights = torch.rand(12)
+    ours = token_nll(logits, targets)
+    (ours * weights).sum().backward()
+    g_ours = logits.grad.clone()
+    logits.grad = None
+    ref = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="none")
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(g_ours, logits.grad)
+    assert (ours[[2, 7]] == 0).all() and (g_ours[[2, 7]] == 0).all()

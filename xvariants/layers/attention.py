@@ -3,7 +3,7 @@
 Masks are built only when they are needed: a plain causal or bidirectional call goes to
 SDPA with ``is_causal`` and no mask tensor, which lets PyTorch pick its fused kernels.
 Attention probabilities are materialised only when asked for (``need_weights``) or when a
-hook listens on ``hook_pattern``.
+hook listens on ``hook_pattern`` or ``hook_scores`` (the scaled, masked logits).
 """
 
 from __future__ import annotations
@@ -107,6 +107,7 @@ class MultiHeadAttention(nn.Module):
         self.out = nn.Linear(d_model, d_model, bias=bias)
         self.out.residual_projection = True
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
+        self.hook_scores = HookPoint()  # scaled, masked logits [B, H, T, S] (-inf where masked)
         self.hook_pattern = HookPoint()
         self.hook_z = HookPoint()
 
@@ -129,13 +130,13 @@ class MultiHeadAttention(nn.Module):
         simple = key_padding_mask is None and (S == T or not causal)
         mask = None if simple else attention_mask(T, S, causal=causal, key_padding_mask=key_padding_mask, device=x.device)
         weights = None
-        if need_weights or self.hook_pattern.has_hooks():
+        if need_weights or self.hook_pattern.has_hooks() or self.hook_scores.has_hooks():
             if mask is None and causal:
                 mask = attention_mask(T, S, causal=True, key_padding_mask=None, device=x.device)
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.d_head)
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
-            weights = self.hook_pattern(scores.softmax(dim=-1))
+            weights = self.hook_pattern(self.hook_scores(scores).softmax(dim=-1))
             y = F.dropout(weights, p_drop, self.training) @ v
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop, is_causal=simple and causal)
