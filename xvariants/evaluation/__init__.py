@@ -1,1 +1,28 @@
-"""Evaluation procedures (perplexity over a split, baselines)."""
+"""Evaluation: procedures over a token array (sliding window, segments with memory), the
+multi-checkpoint comparison behind ``python eval.py compare=[...]``, RECL, baselines."""
+
+from xvariants.evaluation.procedures import (
+    EvalResult,
+    evaluate_tokens,
+    make_streams,
+    pick_procedure,
+    position_profile,
+    segments_with_memory,
+    sliding_plan,
+    sliding_window,
+)
+from xvariants.evaluation.recl import RECLResult, recl, relative_gain
+
+__all__ = [
+    "EvalResult",
+    "RECLResult",
+    "evaluate_tokens",
+    "make_streams",
+    "pick_procedure",
+    "position_profile",
+    "recl",
+    "relative_gain",
+    "segments_with_memory",
+    "sliding_plan",
+    "sliding_window",
+]
