@@ -53,7 +53,10 @@ class InputEmbedding(nn.Module):
         return self.tok.weight
 
     def forward(self, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        h = self.hook_embed(self.tok(tokens) * self.scale)
+        emb = self.tok(tokens)
+        if self.scale != 1.0:  # x * 1.0 == x: skip a [B, T, D] multiply (and its backward)
+            emb = emb * self.scale
+        h = self.hook_embed(emb)
         if self.pos is not None:
             h = h + self.hook_pos_embed(self.pos(tokens.size(1), offset, device=tokens.device))
         return self.drop(h)
@@ -80,9 +83,43 @@ class LinearHead(nn.Module):
     def nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-token negative log-likelihood (nats), 0 where ``targets == IGNORE_INDEX``."""
         logits = self.proj(hidden)
-        return F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)).float(),
-            targets.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="none",
-        ).view_as(targets)
+        return token_nll(logits.reshape(-1, logits.size(-1)), targets.reshape(-1)).view_as(targets)
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="none")`` for
+    ``logits`` ``[N, V]``: per-row NLL in float32, 0 where the target is ``-100``.
+
+    The forward is the same computation (log-softmax, then pick the target), bit for bit.
+    When a gradient is needed (eager mode), the backward is ``softmax * g`` with ``g``
+    subtracted at each target - one pass over ``[N, V]`` - instead of autograd's
+    ``nll_loss_backward`` (a zero-filled ``[N, V]`` gradient plus a scatter) followed by
+    ``log_softmax_backward``; equal up to float rounding. Under ``torch.compile`` or
+    without gradients the built-in is used.
+    """
+    if not (torch.is_grad_enabled() and logits.requires_grad) or torch.compiler.is_compiling():
+        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    return _SoftmaxCrossEntropy.apply(logits, targets)
+
+
+class _SoftmaxCrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy with a single-pass backward (see :func:`token_nll`)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        ignored = targets == IGNORE_INDEX
+        safe = targets.masked_fill(ignored, 0)  # other out-of-range ids still raise in gather
+        nll = logp.gather(1, safe[:, None]).squeeze(1).neg_().masked_fill_(ignored, 0.0)
+        ctx.save_for_backward(logp, safe, ignored)
+        ctx.logits_dtype = logits.dtype
+        return nll
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_nll: torch.Tensor):
+        logp, safe, ignored = ctx.saved_tensors
+        g = grad_nll.float().masked_fill(ignored, 0.0)[:, None]  # [N, 1]
+        grad = torch.exp(logp).mul_(g)  # softmax * g
+        grad.scatter_add_(1, safe[:, None], g.neg())  # - g at the target
+        return grad.to(ctx.logits_dtype), None

@@ -111,10 +111,11 @@ class LanguageModel(nn.Module):
             if targets.shape != tokens.shape:
                 raise ValueError(f"targets {tuple(targets.shape)} must match tokens {tuple(tokens.shape)}")
             nll = self.head.nll(out.hidden, targets)
-            scored = targets != IGNORE_INDEX
-            result.n_tokens = int(scored.sum())
+            n_scored = (targets != IGNORE_INDEX).sum()
             result.nll = nll
-            result.loss = nll.sum() / scored.sum().clamp(min=1)
+            result.loss = nll.sum() / n_scored.clamp(min=1)
+            # the host sync comes last: under torch.compile the graph breaks after the loss
+            result.n_tokens = int(n_scored)
         if targets is None or return_logits:
             result.logits = self.head.logits(out.hidden)
         return result
