@@ -15,7 +15,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from xvariants.config_errors import ConfigError  # noqa: E402
+from xvariants.config_errors import ConfigError, DataError  # noqa: E402
 from xvariants.training.checkpoint import CheckpointError  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def run(cfg: DictConfig):
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -13,7 +13,7 @@ os.environ.setdefault("WANDB_MODE", "offline")  # wandb never reaches the networ
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from xvariants.config_errors import ConfigError  # noqa: E402
+from xvariants.config_errors import ConfigError, DataError  # noqa: E402
 from xvariants.training.checkpoint import CheckpointError  # noqa: E402
 
 
@@ -23,7 +23,7 @@ def main(cfg: DictConfig) -> float | None:
 
     try:
         metrics = train(cfg)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     return metrics.get("val/loss")

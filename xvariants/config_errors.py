@@ -22,3 +22,8 @@ def require(condition: bool, field: str, problem: str, allowed: Iterable | str |
     """Raise :class:`ConfigError` unless ``condition`` holds."""
     if not condition:
         raise ConfigError(field, problem, allowed)
+
+
+class DataError(ValueError):
+    """The data a run points at cannot be used (bad data option, empty or corrupt corpus,
+    checksum mismatch, split too short). The message names the field or the file."""

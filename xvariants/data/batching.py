@@ -14,6 +14,8 @@ these samplers.
 
 from __future__ import annotations
 
+from xvariants.config_errors import DataError
+
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -27,13 +29,13 @@ Batch = dict[str, Any]
 
 def _check_positive(value: int, name: str) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise DataError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _check_rank(rank: int, world_size: int) -> None:
     _check_positive(world_size, "world_size")
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
+        raise DataError(f"rank must lie in [0, world_size={world_size}), got {rank}")
 
 
 class _PicklableTokens:
@@ -99,7 +101,7 @@ class OrderedStreams(_PicklableTokens, Dataset):
         streams = world_size * batch_size
         stream_len = len(tokens) // streams
         if stream_len < 2:
-            raise ValueError(
+            raise DataError(
                 f"the {split} split has {len(tokens)} tokens, too few for one batch: batch_size={batch_size} "
                 f"x world_size={world_size} streams need at least {2 * streams} tokens "
                 f"(seq_len={seq_len}); use a smaller batch size or a larger split"
@@ -154,7 +156,7 @@ class RandomWindows(_PicklableTokens, Dataset):
         _check_positive(batches_per_epoch, "batches_per_epoch")
         _check_rank(rank, world_size)
         if len(tokens) < seq_len + 1:
-            raise ValueError(
+            raise DataError(
                 f"the {split} split has {len(tokens)} tokens, too few for one window of seq_len={seq_len} "
                 f"(+1 for the target; batch_size={batch_size})"
             )
@@ -199,7 +201,7 @@ class _ResumableSampler(Sampler):
 
     def set_start(self, start: int) -> None:
         if not 0 <= start <= self.num_batches:
-            raise ValueError(f"start must lie in [0, {self.num_batches}], got {start}")
+            raise DataError(f"start must lie in [0, {self.num_batches}], got {start}")
         self.start = start
 
     def set_epoch(self, epoch: int) -> None:

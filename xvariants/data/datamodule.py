@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from xvariants.config_errors import DataError
+
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,7 +23,7 @@ BATCHING = ("ordered", "random")
 
 def _positive(value: Any, field: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{field} must be a positive integer, got {value!r}")
+        raise DataError(f"{field} must be a positive integer, got {value!r}")
     return value
 
 
@@ -66,20 +68,20 @@ class LMDataModule(L.LightningDataModule):
         super().__init__()
         corpus, tokenizer = dict(corpus), dict(tokenizer)
         if "name" not in corpus:
-            raise ValueError("data.corpus.name is required")
+            raise DataError("data.corpus.name is required")
         check_corpus_name(corpus["name"], "data.corpus.name")
         if "split" in corpus and corpus["split"] is not None:
             corpus["split"] = tuple(corpus["split"])
         if "name" not in tokenizer:
-            raise ValueError("data.tokenizer.name is required")
+            raise DataError("data.tokenizer.name is required")
         tokenizer_name = tokenizer.pop("name")
         check_tokenizer_options(tokenizer_name, tokenizer, "data.tokenizer")
         if batching not in BATCHING:
-            raise ValueError(f"data.batching must be one of {', '.join(BATCHING)}; got {batching!r}")
+            raise DataError(f"data.batching must be one of {', '.join(BATCHING)}; got {batching!r}")
         if batches_per_epoch is not None:
             _positive(batches_per_epoch, "data.batches_per_epoch")
         if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
+            raise DataError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
 
         self.corpus_config = corpus
         self.tokenizer_name = tokenizer_name
@@ -141,7 +143,7 @@ class LMDataModule(L.LightningDataModule):
             )
         restored = tokenizer_from_dict(self.tokenizer_state)
         if restored.to_dict()["name"] != self.tokenizer_name:
-            raise ValueError(
+            raise DataError(
                 f"data.tokenizer.name is {self.tokenizer_name!r} but the saved tokenizer_state "
                 f"is a {restored.to_dict()['name']!r} tokenizer; make them agree"
             )
@@ -164,7 +166,7 @@ class LMDataModule(L.LightningDataModule):
     def tokens(self, split: str) -> np.ndarray:
         """The ids of ``split`` ("train", "valid" or "test"), a read-only memmap."""
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
+            raise DataError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
         self._prepare()
         return self._tokens[split]
 
@@ -229,7 +231,7 @@ class LMDataModule(L.LightningDataModule):
         if saved is None:
             return
         if self.tokenizer is not None and self.tokenizer.to_dict() != saved:
-            raise ValueError(
+            raise DataError(
                 "the checkpoint's tokenizer differs from the one this data module built; "
                 "pass the checkpoint's tokenizer as data.tokenizer_state (see LMDataModule.state_dict)"
             )

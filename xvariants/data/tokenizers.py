@@ -12,6 +12,8 @@ byte tokenizer turns them back into the exact original bytes.
 
 from __future__ import annotations
 
+from xvariants.config_errors import DataError
+
 import json
 import re
 from abc import ABC, abstractmethod
@@ -74,7 +76,7 @@ def _as_id_array(ids: Ids) -> np.ndarray:
 
 def _check_ids(ids: np.ndarray, vocab_size: int) -> None:
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        raise ValueError(
+        raise DataError(
             f"token ids must lie in [0, {vocab_size}); got min {ids.min()}, max {ids.max()}"
         )
 
@@ -133,7 +135,7 @@ class CharTokenizer(Tokenizer):
     def __init__(self, chars: Sequence[str]):
         points = sorted({ord(c) for c in chars})
         if not points:
-            raise ValueError("a char tokenizer needs a non-empty training text")
+            raise DataError("a char tokenizer needs a non-empty training text")
         self._points = np.asarray(points, dtype=np.uint32)
         self._chars = [chr(p) for p in points]
 
@@ -201,9 +203,9 @@ class WordTokenizer(Tokenizer):
     def __init__(self, words: Sequence[str]):
         words = list(words)
         if words[:2] != [self.EOS, self.UNK]:
-            raise ValueError(f"a word vocabulary must start with {self.EOS!r}, {self.UNK!r}")
+            raise DataError(f"a word vocabulary must start with {self.EOS!r}, {self.UNK!r}")
         if len(set(words)) != len(words):
-            raise ValueError("a word vocabulary must not repeat words")
+            raise DataError("a word vocabulary must not repeat words")
         self._words = words
         self._index = {w: i for i, w in enumerate(words)}
 
@@ -215,9 +217,9 @@ class WordTokenizer(Tokenizer):
         caps the whole vocabulary, the two special tokens included.
         """
         if min_freq < 1:
-            raise ValueError(f"tokenizer.min_freq must be >= 1, got {min_freq}")
+            raise DataError(f"tokenizer.min_freq must be >= 1, got {min_freq}")
         if max_size is not None and max_size < 2:
-            raise ValueError(f"tokenizer.max_size must be >= 2 (<eos> and <unk>), got {max_size}")
+            raise DataError(f"tokenizer.max_size must be >= 2 (<eos> and <unk>), got {max_size}")
         counts = Counter(word for line in _lines(text) for word in line.split())
         counts.pop(cls.EOS, None)
         counts.pop(cls.UNK, None)
@@ -311,7 +313,7 @@ class BPETokenizer(Tokenizer):
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
         if vocab_size < 256:
-            raise ValueError(f"tokenizer.vocab_size must be >= 256 for byte-level BPE, got {vocab_size}")
+            raise DataError(f"tokenizer.vocab_size must be >= 256 for byte-level BPE, got {vocab_size}")
         hf = HFTokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()
@@ -375,7 +377,7 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
 
 def _check_name(name: str, field: str) -> None:
     if name not in _CLASSES:
-        raise ValueError(f"{field} must be one of {', '.join(TOKENIZER_NAMES)}; got {name!r}")
+        raise DataError(f"{field} must be one of {', '.join(TOKENIZER_NAMES)}; got {name!r}")
 
 
 def check_tokenizer_options(name: str, options: dict[str, Any], field: str = "tokenizer") -> None:
@@ -384,7 +386,7 @@ def check_tokenizer_options(name: str, options: dict[str, Any], field: str = "to
     unknown = sorted(set(options) - set(_OPTIONS[name]))
     if unknown:
         allowed = ", ".join(_OPTIONS[name]) or "none"
-        raise ValueError(
+        raise DataError(
             f"{field}.{unknown[0]} is not an option of the {name!r} tokenizer (options: {allowed})"
         )
 
@@ -399,7 +401,7 @@ def build_tokenizer(name: str, train_text: str, **options: Any) -> Tokenizer:
     if name == "byte":
         return ByteTokenizer()
     if not train_text:
-        raise ValueError(f"cannot train a {name!r} tokenizer on an empty training text")
+        raise DataError(f"cannot train a {name!r} tokenizer on an empty training text")
     cls = _CLASSES[name]
     return cls.train(train_text, **options)  # type: ignore[attr-defined]
 
@@ -407,6 +409,6 @@ def build_tokenizer(name: str, train_text: str, **options: Any) -> Tokenizer:
 def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
     """Rebuild a tokenizer from ``Tokenizer.to_dict()`` output."""
     if not isinstance(d, dict) or "name" not in d:
-        raise ValueError("a saved tokenizer must be a dict with a 'name' key")
+        raise DataError("a saved tokenizer must be a dict with a 'name' key")
     _check_name(d["name"], "tokenizer.name")
     return _CLASSES[d["name"]].from_dict(d)  # type: ignore[attr-defined]

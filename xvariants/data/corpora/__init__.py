@@ -8,6 +8,8 @@ downloaded from their canonical addresses.
 
 from __future__ import annotations
 
+from xvariants.config_errors import DataError
+
 from pathlib import Path
 
 from .base import (
@@ -51,7 +53,7 @@ _ACCEPTS = {
 
 def check_corpus_name(name: str, field_name: str = "corpus.name") -> None:
     if name not in CORPUS_NAMES:
-        raise ValueError(f"{field_name} must be one of {', '.join(CORPUS_NAMES)}; got {name!r}")
+        raise DataError(f"{field_name} must be one of {', '.join(CORPUS_NAMES)}; got {name!r}")
 
 
 def load_corpus(
@@ -84,7 +86,7 @@ def load_corpus(
     }
     unused = sorted(k for k, v in given.items() if v is not None and k not in _ACCEPTS[name])
     if unused:
-        raise ValueError(
+        raise DataError(
             f"corpus.{unused[0]} does not apply to the {name!r} corpus "
             f"(it takes: {', '.join(sorted(_ACCEPTS[name]))}, data_dir, download)"
         )

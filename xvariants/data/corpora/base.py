@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from xvariants.config_errors import DataError
+
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -18,11 +20,11 @@ class CorpusNotFoundError(FileNotFoundError):
     """A corpus file or folder is not where it was looked for."""
 
 
-class EmptyCorpusError(ValueError):
+class EmptyCorpusError(DataError):
     """A corpus file, folder or split holds no text."""
 
 
-class ChecksumError(ValueError):
+class ChecksumError(DataError):
     """A downloaded file does not have its published sha256."""
 
 
@@ -49,7 +51,7 @@ class Corpus:
     def split(self, name: str) -> str:
         """Return the text of split ``name`` ("train", "valid" or "test")."""
         if name not in ("train", "valid", "test"):
-            raise ValueError(f"split must be one of train, valid, test; got {name!r}")
+            raise DataError(f"split must be one of train, valid, test; got {name!r}")
         return getattr(self, name)
 
 
@@ -74,11 +76,11 @@ def check_split(split: Split | list[float], field_name: str = "corpus.split") ->
     """
     fractions = tuple(float(f) for f in split)
     if len(fractions) not in (2, 3):
-        raise ValueError(f"{field_name} must have 2 or 3 fractions (train, valid[, test]); got {split!r}")
+        raise DataError(f"{field_name} must have 2 or 3 fractions (train, valid[, test]); got {split!r}")
     if fractions[0] <= 0 or fractions[1] <= 0 or min(fractions) < 0:
-        raise ValueError(f"{field_name} needs positive train and valid fractions; got {split!r}")
+        raise DataError(f"{field_name} needs positive train and valid fractions; got {split!r}")
     if abs(sum(fractions) - 1.0) > 1e-6:
-        raise ValueError(f"{field_name} fractions must sum to 1; got {split!r} (sum {sum(fractions)})")
+        raise DataError(f"{field_name} fractions must sum to 1; got {split!r} (sum {sum(fractions)})")
     return fractions
 
 
