@@ -11,7 +11,9 @@ from xvariants.models.lm import LanguageModel
 from xvariants.models.registry import BODIES, build_body
 
 #: keys that configure the embedding/head around the body; everything else goes to the body
-LM_KEYS = ("positions", "max_len", "tie_embeddings", "emb_dropout", "embed_scale")
+#: adaptive input + adaptive softmax (any body); absent or ``adaptive_cutoffs: null`` = full softmax
+ADAPTIVE_KEYS = ("adaptive_cutoffs", "div_val", "tie_projs", "d_embed", "proj_init_std")
+LM_KEYS = ("positions", "max_len", "tie_embeddings", "emb_dropout", "embed_scale") + ADAPTIVE_KEYS
 
 
 def split_model_config(config: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -32,7 +34,14 @@ def build_language_model(config: dict[str, Any], vocab_size: int) -> LanguageMod
         raise ConfigError("model.positions", f"unknown kind {lm_kwargs['positions']!r}", ["learned", "sinusoidal", "none"])
     if "max_len" in lm_kwargs:
         require(lm_kwargs["max_len"] >= 1, "model.max_len", f"must be >= 1, got {lm_kwargs['max_len']}")
+    adaptive = {k: lm_kwargs.pop(k) for k in ADAPTIVE_KEYS if k in lm_kwargs}
     body = build_body(name, **body_kwargs)
     lm_params = inspect.signature(LanguageModel.__init__).parameters
     assert all(k in lm_params for k in lm_kwargs)
+    if adaptive:
+        from xvariants.layers.adaptive import build_adaptive_from_config
+
+        embedding, head = build_adaptive_from_config(adaptive, lm_kwargs, body, vocab_size, body_kwargs.get("init_std", 0.02))
+        if embedding is not None:
+            return LanguageModel(body, vocab_size, embedding=embedding, head=head, **lm_kwargs)
     return LanguageModel(body, vocab_size, **lm_kwargs)
