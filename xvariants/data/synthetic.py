@@ -18,6 +18,8 @@ Accuracies are teacher-forced (argmax at every scored position, as t2t's ``accur
 
 from __future__ import annotations
 
+from xvariants.config_errors import DataError
+
 from collections.abc import Mapping
 from typing import Any
 
@@ -278,4 +280,4 @@ class SyntheticDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("tokenizer")
         if saved is not None and saved != self.tokenizer.to_dict():
-            raise ValueError("the checkpoint's tokenizer is not this synthetic task's vocabulary")
+            raise DataError("the checkpoint's tokenizer is not this synthetic task's vocabulary")

@@ -4,6 +4,9 @@ Importing this package registers every body with the registry.
 """
 
 from xvariants.models import vanilla  # noqa: F401  (registers "vanilla")
+from xvariants.models import universal  # noqa: F401  (registers "universal")
+from xvariants.models import universal_xl  # noqa: F401  (registers "universal_xl")
+from xvariants.models import xl  # noqa: F401  (registers "xl")
 from xvariants.models.build import build_language_model
 from xvariants.models.contract import AuxOutput, Body, BodyOutput, detach_state, map_state
 from xvariants.models.lm import LanguageModel, LMOutput, SequenceClassifier, sample_next

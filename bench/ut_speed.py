@@ -1,0 +1,184 @@
+"""Speed of adaptive computation: does UT+ACT's time follow its mean ponder steps?
+
+Bodies of equal width on the same random batch ``[B, T, D]`` (causal):
+
+* ``act``: UT + ACT with ``max_steps`` (sparse compute: work only for running positions),
+* ``act_dense``: the same model computing every position at every step it runs (reference),
+* ``fixed``: fixed-step UT at ``num_steps = max_steps``,
+* ``vanilla``: vanilla Transformer with ``n_layers = max_steps``.
+
+The halting unit is set so that the mean ponder steps hit each requested target, with steps
+spread over positions (random halting weights, a bias found by bisection); ``deep`` is the
+default initialisation (bias -3: every position runs ``max_steps``). For each setting we
+report tokens/s and the issue's target ``ACT time / fixed time <= 1.1 x mean steps / max_steps``.
+Timing: interleaved rounds, median per step (``bench/common.py``); on a CPU the clock is the
+process CPU time (1 thread by default), so load from other processes does not count. ``infer`` = forward under ``no_grad``; ``train`` = forward + backward +
+AdamW step on ``mean(hidden^2) + ponder cost``.
+
+    python bench/ut_speed.py
+    python bench/ut_speed.py --d-model 256 --seq-len 512 --batch 8 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import command_line, interleaved_rounds, machine_info, markdown_table, pick_device, write_results  # noqa: E402
+
+from xvariants.models import build_body  # noqa: E402
+
+
+def set_halting(body, spread: float, bias: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        w = torch.randn(body.halting.proj.weight.shape, generator=g) * spread / body.d_model**0.5
+        body.halting.proj.weight.copy_(w)
+        body.halting.proj.bias.fill_(bias)
+
+
+@torch.no_grad()
+def mean_steps(body, h) -> float:
+    return float(body(h).aux.stats["ponder_steps_mean"])
+
+
+def calibrate(body, h, target: float, spread: float) -> float:
+    """Bias giving mean ponder steps ~ target (mean steps decrease with the bias)."""
+    lo, hi = -8.0, 8.0
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        set_halting(body, spread, mid)
+        if mean_steps(body, h) > target:
+            lo = mid
+        else:
+            hi = mid
+    set_halting(body, spread, (lo + hi) / 2)
+    return (lo + hi) / 2
+
+
+def make_step(body, h, mode: str):
+    if mode == "infer":
+        body.eval()
+
+        def step():
+            with torch.no_grad():
+                return body(h).hidden
+
+        return step
+    body.train()
+    opt = torch.optim.AdamW(body.parameters(), lr=1e-6)  # tiny lr: halting stays where it was set
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        out = body(h)
+        loss = out.hidden.float().pow(2).mean() + out.aux.total_loss()
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--n-heads", type=int, default=4)
+    ap.add_argument("--max-steps", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--targets", type=float, nargs="+", default=[2.0, 4.0, 6.0], help="mean ponder steps to bench")
+    ap.add_argument("--spread", type=float, default=4.0, help="std of halting weights x sqrt(d): how varied N is")
+    ap.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps-per-round", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "ut_speed"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dev = pick_device(args.device)
+    D, M = args.d_model, args.max_steps
+    clock = "cpu" if dev.type == "cpu" else "wall"
+    common = dict(d_model=D, n_heads=args.n_heads, d_ff=4 * D, dropout=0.0, causal=True)
+    torch.manual_seed(0)
+    h = torch.randn(args.batch, args.seq_len, D, device=dev)
+    tokens = args.batch * args.seq_len
+    settings = [(f"mean~{t:g}", t) for t in args.targets] + [("deep (init)", None)]
+    results = []
+    for mode in args.modes:
+        fixed = build_body("universal", num_steps=M, **common).to(dev)
+        vanilla = build_body("vanilla", n_layers=M, **{k: v for k, v in common.items()}).to(dev)
+        for name, target in settings:
+            act = build_body("universal", act=True, max_steps=M, **common).to(dev)
+            dense = build_body("universal", act=True, max_steps=M, act_compute="dense", **common).to(dev)
+            if target is not None:
+                bias = calibrate(act.eval(), h, target, args.spread)
+                set_halting(dense, args.spread, bias)
+            dense.load_state_dict(act.state_dict())
+            n_mean = mean_steps(act.eval(), h)
+            with torch.no_grad():
+                n_max = float(act(h).aux.stats["ponder_steps_max"])
+            steps = {
+                "act": make_step(act, h, mode),
+                "act_dense": make_step(dense, h, mode),
+                "fixed": make_step(fixed, h, mode),
+                "vanilla": make_step(vanilla, h, mode),
+            }
+            for fn in steps.values():  # warm-up
+                fn()
+            timed = interleaved_rounds(steps, rounds=args.rounds, steps_per_round=args.steps_per_round, device=dev)
+            # process CPU time on a CPU (what the step costs, whatever else the machine runs), wall time on a GPU
+            per_step = timed[clock] if "wall" in timed else timed
+            med = {k: statistics.median(v) for k, v in per_step.items()}
+            ratio = med["act"] / med["fixed"]
+            target_ratio = 1.1 * n_mean / M
+            results.append(
+                {
+                    "mode": mode,
+                    "setting": name,
+                    "ponder_steps_mean": round(n_mean, 3),
+                    "ponder_steps_max": n_max,
+                    "tokens_per_s": {k: round(tokens / v, 1) for k, v in med.items()},
+                    "act_over_fixed": round(ratio, 3),
+                    "act_dense_over_fixed": round(med["act_dense"] / med["fixed"], 3),
+                    "target_act_over_fixed": round(target_ratio, 3),
+                    "meets_target": ratio <= target_ratio,
+                }
+            )
+            print(results[-1], flush=True)
+    headers = ["mode", "halting", "mean N", "max N", "UT+ACT tok/s", "UT+ACT dense tok/s", "UT fixed tok/s",
+               "vanilla tok/s", "ACT / fixed", "target 1.1 x N/max", "met"]
+    rows = [
+        [r["mode"], r["setting"], r["ponder_steps_mean"], int(r["ponder_steps_max"]), r["tokens_per_s"]["act"],
+         r["tokens_per_s"]["act_dense"], r["tokens_per_s"]["fixed"], r["tokens_per_s"]["vanilla"], r["act_over_fixed"],
+         r["target_act_over_fixed"], "yes" if r["meets_target"] else "no"]
+        for r in results
+    ]
+    info = machine_info(dev)
+    md = "\n".join(
+        [
+            "# Universal Transformer speed: does ACT time follow the mean ponder steps?",
+            "",
+            f"Command: `{command_line()}`  ",
+            f"Device: {info.get('gpu') or info.get('cpu')} ({args.threads} threads), torch {info.get('torch')}. "
+            f"d_model={D}, heads={args.n_heads}, d_ff={4 * D}, max_steps={M} (fixed UT: {M} steps, vanilla: {M} layers), "
+            f"batch {args.batch} x {args.seq_len} tokens, causal. Time per step: median over interleaved rounds of "
+            f"{'process CPU time (the machine is shared)' if clock == 'cpu' else 'wall time'}; tokens/s = tokens / that time.",
+            "",
+            markdown_table(headers, rows),
+            "",
+        ]
+    )
+    write_results(args.out, {"meta": {"command": command_line(), "machine": info, "args": vars(args)}, "results": results}, md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""Universal Transformer-XL with adaptive halting: one weight-shared Transformer-XL layer
+(relative attention, segment memory) applied over depth, with per-position ACT.
+
+Composition of :mod:`xvariants.models.universal` (recurrence over depth, step signal, ACT via
+:class:`~xvariants.layers.halting.AdaptiveHalting`) and :mod:`xvariants.models.xl`
+(:class:`~xvariants.models.xl.XLLayer`, relative positions, :mod:`xvariants.layers.memory`):
+
+* positions come only from the relative attention (no absolute signal); the step signal
+  is added at every step, as in the universal body;
+* memory per depth step: the state is a list of ``max_steps`` (``num_steps``) tensors
+  ``[B, M, D]``; entry ``n`` holds what the positions of earlier segments presented to
+  attention at step ``n`` (the input of step ``n``). Under ``halted_update="freeze"`` a
+  position that halted before step ``n`` presents its frozen state there (plus the step
+  signal of the step after it halted), exactly what it presents to its own segment, so
+  reading a sequence in segments with enough memory equals reading it in one piece;
+* halting is per position within each segment; the loop stops when every position of the
+  segment has halted. Relative attention needs every query of a row (rel-shift), so this
+  body saves work by skipping rows whose positions have all halted, not single positions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from xvariants.config_errors import ConfigError, require
+from xvariants.layers.hooks import HookPoint
+from xvariants.layers.memory import check_mem_len, init_memory, memory_length, truncate_memory, update_memory, validate_memory
+from xvariants.layers.positions import sinusoid_table
+from xvariants.layers.relative_attention import relative_positions, xl_attention_mask
+from xvariants.models.contract import AuxOutput, Body, BodyOutput, State
+from xvariants.models.registry import register_body
+from xvariants.models.universal import StepHooks, act_aux, build_halting, default_signal_scale, resolve_act_options
+from xvariants.models.xl import XLLayer, init_transformer_xl
+
+STEP_SIGNALS = ("sinusoidal", "learned", "none")
+
+
+@register_body("universal_xl")
+class UniversalXLBody(Body):
+    """One shared :class:`XLLayer` applied ``num_steps`` times or adaptively (ACT), with
+    relative attention and segment memory per depth step.
+
+    :param d_model: model width. :param n_heads: heads. :param mem_len: positions kept in
+        memory per step (0 = none; changeable after construction like the xl body).
+    :param d_head: width per head. :param d_ff: feed-forward width (default ``4 * d_model``).
+    :param dropout: dropout (as the xl body). :param attn_dropout: attention dropout.
+    :param clamp_len: relative distances above it use R[clamp_len]; -1 = off.
+    :param same_length: every query attends to ``mem_len`` keys.
+    :param norm_first: pre-LN (final LayerNorm added) or post-LN (xl default).
+    :param init_std: N(0, std) init (Transformer-XL's scheme).
+    :param num_steps, act, max_steps, act_epsilon, ponder_weight, ponder_warmup_steps,
+        halting_bias_init, halted_update, act_weighting: as in the universal body.
+    :param step_signal: ``sinusoidal``, ``learned`` or ``none``. :param signal_scale: its
+        multiplier; None = ``init_std * sqrt(2 d)`` as in the universal body.
+    """
+
+    stateful = True
+    owns_positions = True
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        mem_len: int,
+        d_head: int | None = None,
+        d_ff: int | None = None,
+        dropout: float = 0.1,
+        attn_dropout: float = 0.0,
+        clamp_len: int = -1,
+        same_length: bool = False,
+        norm_first: bool = True,
+        causal: bool = True,
+        init_std: float = 0.02,
+        num_steps: int | None = None,
+        act: bool = False,
+        max_steps: int | None = None,
+        act_epsilon: float | None = None,
+        ponder_weight: float | None = None,
+        ponder_warmup_steps: int | None = None,
+        halting_bias_init: float | None = None,
+        halted_update: str | None = None,
+        act_weighting: str | None = None,
+        step_signal: str = "sinusoidal",
+        signal_scale: float | None = None,
+    ):
+        super().__init__()
+        require(
+            isinstance(d_model, int) and d_model >= 2 and d_model % 2 == 0,
+            "model.d_model",
+            f"must be an even integer >= 2 (relative sinusoids), got {d_model}",
+        )
+        if not causal:
+            raise ConfigError(
+                "model.causal", "the universal_xl body is a decoder: segment memory and relative attention are causal", ["true"]
+            )
+        if d_head is None:
+            require(d_model % n_heads == 0, "model.n_heads", f"d_model={d_model} is not divisible by n_heads={n_heads}")
+            d_head = d_model // n_heads
+        for name, p in (("dropout", dropout), ("attn_dropout", attn_dropout)):
+            require(0.0 <= p < 1.0, f"model.{name}", f"must be in [0, 1), got {p}")
+        require(step_signal in STEP_SIGNALS, "model.step_signal", f"unknown signal {step_signal!r}", STEP_SIGNALS)
+        require(signal_scale is None or signal_scale >= 0, "model.signal_scale", f"must be >= 0 or null (auto), got {signal_scale}")
+        signal_scale = default_signal_scale(init_std, d_model) if signal_scale is None else float(signal_scale)
+        n_steps, act_opts = resolve_act_options(
+            act,
+            num_steps,
+            max_steps=max_steps,
+            act_epsilon=act_epsilon,
+            ponder_weight=ponder_weight,
+            ponder_warmup_steps=ponder_warmup_steps,
+            halting_bias_init=halting_bias_init,
+            halted_update=halted_update,
+            act_weighting=act_weighting,
+        )
+        self.d_model, self.causal, self.act, self.n_steps = d_model, True, act, n_steps
+        self.norm_first, self.step_signal, self.signal_scale = norm_first, step_signal, signal_scale
+        self._mem_len, self._clamp_len, self.same_length = check_mem_len(mem_len), -1, bool(same_length)
+        self.clamp_len = clamp_len
+        if self.same_length:
+            require(mem_len >= 1, "model.same_length", "needs mem_len >= 1")
+        self.block = XLLayer(
+            d_model,
+            n_heads,
+            d_head,
+            d_ff or 4 * d_model,
+            dropout=dropout,
+            attn_dropout=attn_dropout,
+            norm_first=norm_first,
+            own_biases=True,
+        )
+        self.drop = nn.Dropout(dropout)
+        self.ln_f = nn.LayerNorm(d_model) if norm_first else nn.Identity()
+        self.step_table = nn.Parameter(torch.zeros(n_steps, d_model)) if step_signal == "learned" else None
+        self.halting = build_halting(d_model, act_opts, init_std) if act else None
+        self.steps = nn.ModuleList(StepHooks() for _ in range(n_steps))
+        self.hook_act_output = HookPoint()
+        self.hook_pos = HookPoint()
+        self.current_step: int | None = None
+        init_transformer_xl(self, init_std)
+        if self.step_table is not None:
+            nn.init.normal_(self.step_table, std=0.5**0.5)
+        if self.halting is not None:
+            self.halting.reset_parameters()
+
+    # ------------------------------------------------------------------ lengths
+    @property
+    def mem_len(self) -> int:
+        return self._mem_len
+
+    @mem_len.setter
+    def mem_len(self, value: int) -> None:
+        self._mem_len = check_mem_len(value)
+
+    @property
+    def clamp_len(self) -> int:
+        return self._clamp_len
+
+    @clamp_len.setter
+    def clamp_len(self, value: int | None) -> None:
+        value = -1 if value is None else value
+        require(
+            isinstance(value, int) and not isinstance(value, bool) and (value == -1 or value >= 1),
+            "model.clamp_len",
+            f"must be -1 (off) or an integer >= 1, got {value!r}",
+        )
+        self._clamp_len = value
+
+    @contextlib.contextmanager
+    def lengths(self, mem_len: int | None = None, clamp_len: int | None = None):
+        """``with body.lengths(mem_len=...): ...`` restores the old lengths on exit."""
+        old = (self.mem_len, self.clamp_len)
+        try:
+            if mem_len is not None:
+                self.mem_len = mem_len
+            if clamp_len is not None:
+                self.clamp_len = clamp_len
+            yield self
+        finally:
+            self._mem_len, self._clamp_len = old
+
+    def init_state(self, batch_size: int, device: torch.device) -> list[torch.Tensor]:
+        """Empty memories: one ``[batch_size, 0, d_model]`` tensor per depth step."""
+        dtype = next(self.parameters()).dtype
+        return init_memory(self.n_steps, batch_size, self.d_model, device=device, dtype=dtype)
+
+    def extra_repr(self) -> str:
+        mode = f"act(max_steps={self.n_steps})" if self.act else f"num_steps={self.n_steps}"
+        return f"{mode}, mem_len={self.mem_len}, clamp_len={self.clamp_len}, step_signal={self.step_signal}"
+
+    # ------------------------------------------------------------------ forward
+    def _step_signals(self, device, dtype) -> torch.Tensor | None:
+        if self.step_signal == "none":
+            return None
+        table = self.step_table if self.step_signal == "learned" else sinusoid_table(torch.arange(self.n_steps, device=device), self.d_model)
+        return self.signal_scale * table.to(dtype)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        state: State | None = None,
+        *,
+        padding_mask: torch.Tensor | None = None,
+        cache=None,
+        return_attention: bool = False,
+    ) -> BodyOutput:
+        if cache is not None:
+            raise ValueError("the universal_xl body carries context in its memory (`state`), not in a decoding cache")
+        B, T, D = h.shape
+        mems = truncate_memory(validate_memory(state, n_tensors=self.n_steps, batch_size=B, d_model=D), self.mem_len)
+        if mems is not None:
+            mems = [m.to(device=h.device, dtype=h.dtype) for m in mems]
+        M = memory_length(mems)
+        S = M + T
+        allowed = xl_attention_mask(T, M, same_length=self.same_length, mem_len=self.mem_len, device=h.device)[None, None]
+        if padding_mask is not None:
+            if padding_mask.shape != (B, T):
+                raise ValueError(f"padding_mask must be [B, T] = {(B, T)}, got {tuple(padding_mask.shape)}")
+            pad = torch.cat([padding_mask.new_zeros(B, M), padding_mask], dim=1).bool()
+            self_key = torch.arange(S, device=h.device)[None, :] == (torch.arange(T, device=h.device)[:, None] + M)
+            allowed = (allowed & ~pad[:, None, None, :]) | self_key
+        r = self.hook_pos(self.drop(relative_positions(S, D, self.clamp_len, device=h.device, dtype=h.dtype)))
+        steps = self._step_signals(h.device, h.dtype)
+        attentions = [] if return_attention else None
+        freeze = self.halting is None or self.halting.halted_update == "freeze"
+        inputs: list[torch.Tensor] = []  # what each step presents to attention (memory entries)
+        book = {"prev_running": None}
+
+        def step_fn(x: torch.Tensor, n: int, running: torch.Tensor | None):
+            self.current_step = n
+            z = x if steps is None else x + steps[n]
+            z = self.steps[n].hook_resid_pre(z)
+            src = z
+            if freeze and n > 0 and book["prev_running"] is not None:
+                # halted positions keep presenting the input of the step after they halted
+                src = torch.where(book["prev_running"][..., None], z, inputs[-1])
+            inputs.append(src)
+            rows = None if running is None else running.any(1)
+            mem = None if mems is None else mems[n]
+            if rows is None or bool(rows.all()):
+                new, w = self._apply(src, r, mem, allowed, attentions is not None)
+            else:  # skip rows whose positions have all halted
+                idx = rows.nonzero().squeeze(1)
+                sub_allowed = allowed if allowed.size(0) == 1 else allowed[idx]
+                out, w = self._apply(src[idx], r, None if mem is None else mem[idx], sub_allowed, attentions is not None)
+                new = x.index_copy(0, idx, out)
+            if attentions is not None:
+                attentions.append(w)
+            if running is not None:
+                book["prev_running"] = running
+                if freeze:
+                    new = torch.where(running[..., None], new, x)
+            return z, self.steps[n].hook_resid_post(new)
+
+        try:
+            if self.halting is None:
+                x = h
+                for n in range(self.n_steps):
+                    _, x = step_fn(x, n, None)
+                out, aux = x, AuxOutput()
+            else:
+                res = self.halting(step_fn, h, padding_mask, step_hooks=self.steps)
+                x, out, aux = res.state, res.output, act_aux(self.halting, res)
+                # steps the loop did not need: every position has halted; what it would present there
+                for n in range(len(inputs), self.n_steps):
+                    z = x if steps is None else x + steps[n]
+                    prev = book["prev_running"]
+                    inputs.append(z if not freeze or prev is None or n == 0 else torch.where(prev[..., None], z, inputs[-1]))
+                    book["prev_running"] = torch.zeros_like(prev) if prev is not None else None
+        finally:
+            self.current_step = None
+        new_state = update_memory(mems, inputs, self.mem_len)
+        aux.attentions = attentions
+        return BodyOutput(self.drop(self.ln_f(self.hook_act_output(out))), new_state, aux)
+
+    def _apply(self, src, r, mem, allowed, need_weights):
+        blk = self.block
+        return blk(src, r, mem=mem, u=blk.attn.r_w_bias, v=blk.attn.r_r_bias, allowed=allowed, need_weights=need_weights)
