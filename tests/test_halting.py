@@ -171,6 +171,20 @@ def test_ponder_weight_warmup():
     assert "ponder_calls" in unit.state_dict()
 
 
+def test_halting_warmup_detaches_the_halting_unit():
+    unit = constant_unit(1.0, max_steps=4, halting_warmup_steps=2).train()
+    step = lambda x, n, r: (x, x + 1)  # noqa: E731
+    for expect_grad in (False, False, True):
+        unit.zero_grad()
+        res = unit(step, torch.randn(1, 3, D))
+        if res.ponder_cost.requires_grad:
+            res.ponder_cost.backward()
+        has = unit.proj.bias.grad is not None and unit.proj.bias.grad.abs().item() > 0
+        assert has == expect_grad
+    unit.eval()
+    assert not unit.halting_frozen()
+
+
 def test_statistics():
     unit = constant_unit(1.0, max_steps=4)
     res = unit(counting_step, torch.zeros(2, 3, D))
@@ -190,6 +204,7 @@ def test_statistics():
         ({"max_steps": 0}, "max_steps"),
         ({"ponder_weight": -0.01}, "ponder_weight"),
         ({"ponder_warmup_steps": -1}, "ponder_warmup_steps"),
+        ({"halting_warmup_steps": -1}, "halting_warmup_steps"),
         ({"halting_bias_init": float("nan")}, "halting_bias_init"),
         ({"weighting": "accumulate"}, "act_weighting"),
         ({"halted_update": "copy"}, "halted_update"),

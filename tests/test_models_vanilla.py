@@ -106,7 +106,7 @@ def test_generate_greedy_matches_argmax_chain_and_respects_lengths():
         seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, seq)
     # past max_len the model keeps generating on a sliding window
-    assert model.generate(prompt, 70, temperature=0).shape == (2, 73)
+    assert lm(max_len=8).generate(prompt, 12, temperature=0).shape == (2, 15)
 
 
 def test_top_k_and_top_p_filter_the_distribution():
@@ -139,14 +139,14 @@ def test_return_attention_gives_row_stochastic_causal_maps():
 
 def test_encoder_classifier_cls_pooling_trains():
     torch.manual_seed(0)
-    body = VanillaBody(d_model=32, n_layers=2, n_heads=4, dropout=0.0, causal=False)
+    body = VanillaBody(d_model=16, n_layers=1, n_heads=2, dropout=0.0, causal=False)
     clf = SequenceClassifier(body, vocab_size=10, n_classes=2, pooling="cls", max_len=16)
     x = torch.randint(2, 10, (32, 8))
     x[:, 0] = 1  # [CLS]
     y = (x[:, 1:] == 5).any(1).long()  # is there a 5 anywhere after [CLS]?
-    opt = torch.optim.Adam(clf.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(clf.parameters(), lr=1e-2)
     first = clf(x, y).loss.item()
-    for _ in range(80):
+    for _ in range(60):
         opt.zero_grad()
         clf(x, y).loss.backward()
         opt.step()

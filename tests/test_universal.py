@@ -37,6 +37,8 @@ def test_registered_and_built_from_flat_config():
     (out.loss + out.aux.total_loss()).backward()
     seq = lm.generate(tokens[:, :3], 4, temperature=0)
     assert seq.shape == (2, 7)
+    lm.double()  # moving / casting the model works and the ACT loop follows the dtype
+    assert lm(tokens).logits.dtype == torch.float64
 
 
 def test_parameters_are_shared_across_steps():

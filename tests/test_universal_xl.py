@@ -37,6 +37,8 @@ def test_registered_stateful_and_trains_in_a_language_model():
     (out2.loss + out2.aux.total_loss()).backward()
     assert lm.body.halting.proj.bias.grad is not None
     assert lm.generate(tokens[:, :2], 3, temperature=0).shape == (2, 5)
+    lm.to(torch.float64).to("cpu")  # module methods (e.g. _apply) are not shadowed
+    assert lm.body.block.attn.qkv.weight.dtype == torch.float64
 
 
 @pytest.mark.parametrize("act", [False, True])

@@ -54,6 +54,7 @@ def check_act_options(
     ponder_weight: float,
     ponder_warmup_steps: int,
     halting_bias_init: float,
+    halting_warmup_steps: int = 0,
     weighting: str,
     halted_update: str,
     prefix: str = "",
@@ -69,6 +70,11 @@ def check_act_options(
         isinstance(ponder_warmup_steps, int) and ponder_warmup_steps >= 0,
         f"{prefix}ponder_warmup_steps",
         f"must be an integer >= 0, got {ponder_warmup_steps!r}",
+    )
+    require(
+        isinstance(halting_warmup_steps, int) and halting_warmup_steps >= 0,
+        f"{prefix}halting_warmup_steps",
+        f"must be an integer >= 0, got {halting_warmup_steps!r}",
     )
     require(
         isinstance(halting_bias_init, (int, float)) and math.isfinite(halting_bias_init),
@@ -142,6 +148,11 @@ class AdaptiveHalting(nn.Module):
     :param ponder_weight: weight of the ponder cost in the objective (see :meth:`current_ponder_weight`).
     :param ponder_warmup_steps: the weight ramps linearly from 0 over this many training
         forward passes (counted in the ``ponder_calls`` buffer, so it survives checkpoints).
+    :param halting_warmup_steps: for this many training forward passes the halting unit gets
+        no gradient (its probabilities are detached), so with the deep-start bias every position
+        runs ``max_steps`` while the block learns; afterwards halting is trained. Without it the
+        task loss alone drives the halting to 2-3 steps within a few hundred Adam steps when
+        shallow outputs fit the early loss better (measured: docs/universal.md).
     :param init_std: std of the halting unit's weight init.
     """
 
@@ -156,6 +167,7 @@ class AdaptiveHalting(nn.Module):
         halted_update: str = "freeze",
         ponder_weight: float = 0.01,
         ponder_warmup_steps: int = 0,
+        halting_warmup_steps: int = 0,
         init_std: float = 0.02,
     ):
         super().__init__()
@@ -165,10 +177,12 @@ class AdaptiveHalting(nn.Module):
             ponder_weight=ponder_weight,
             ponder_warmup_steps=ponder_warmup_steps,
             halting_bias_init=halting_bias_init,
+            halting_warmup_steps=halting_warmup_steps,
             weighting=weighting,
             halted_update=halted_update,
         )
         self.max_steps, self.epsilon = max_steps, float(epsilon)
+        self.halting_warmup_steps = halting_warmup_steps
         self.threshold = 1.0 - float(epsilon)
         self.weighting, self.halted_update = weighting, halted_update
         self.ponder_weight, self.ponder_warmup_steps = float(ponder_weight), ponder_warmup_steps
@@ -193,8 +207,14 @@ class AdaptiveHalting(nn.Module):
 
     # ------------------------------------------------------------------ low-level API
     def halting_prob(self, s: torch.Tensor) -> torch.Tensor:
-        """``p = sigmoid(w . s + b)``: ``[B, T, D] -> [B, T]`` (last axis squeezed explicitly)."""
-        return torch.sigmoid(self.proj(s).squeeze(-1))
+        """``p = sigmoid(w . s + b)``: ``[..., D] -> [...]`` (last axis squeezed explicitly);
+        detached during the halting warm-up."""
+        p = torch.sigmoid(self.proj(s).squeeze(-1))
+        return p.detach() if self.halting_frozen() else p
+
+    def halting_frozen(self) -> bool:
+        """True while training within the first ``halting_warmup_steps`` forward passes."""
+        return self.training and self.halting_warmup_steps > 0 and int(self.ponder_calls) < self.halting_warmup_steps
 
     def start(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> HaltingState:
         """Fresh book-keeping for states ``x`` ``[B, T, D]``; padding (True) starts halted."""

@@ -37,6 +37,7 @@ ACT_DEFAULTS = {
     "act_epsilon": 0.01,
     "ponder_weight": 0.01,
     "ponder_warmup_steps": 0,
+    "halting_warmup_steps": 0,
     "halting_bias_init": DEFAULT_HALTING_BIAS,
     "halted_update": "freeze",
     "act_weighting": "graves",
@@ -84,6 +85,7 @@ def resolve_act_options(act: bool, num_steps: int | None, **act_opts) -> tuple[i
         ponder_weight=opts["ponder_weight"],
         ponder_warmup_steps=opts["ponder_warmup_steps"],
         halting_bias_init=opts["halting_bias_init"],
+        halting_warmup_steps=opts["halting_warmup_steps"],
         weighting=opts["act_weighting"],
         halted_update=opts["halted_update"],
         prefix="model.",
@@ -102,6 +104,7 @@ def build_halting(d_model: int, opts: dict, init_std: float) -> AdaptiveHalting:
         halted_update=opts["halted_update"],
         ponder_weight=opts["ponder_weight"],
         ponder_warmup_steps=opts["ponder_warmup_steps"],
+        halting_warmup_steps=opts["halting_warmup_steps"],
         init_std=init_std,
     )
 
@@ -167,6 +170,8 @@ class UniversalBody(Body):
         (default 0.01). :param ponder_weight: ACT: weight of ``mean(N + R)`` (default 0.01).
     :param ponder_warmup_steps: ACT: linear warm-up of the ponder weight (training forwards).
     :param halting_bias_init: ACT: initial halting bias (default -3, see docs/universal.md).
+    :param halting_warmup_steps: ACT: training forwards during which the halting unit is not
+        trained (every position runs max_steps from the deep start).
     :param halted_update: ACT: ``freeze`` (paper) or ``t2t`` (keep transforming halted states).
     :param act_weighting: ACT: ``graves`` (weights sum to 1) or ``t2t`` (interpolation).
     :param act_compute: ACT: ``sparse`` (work only for running positions) or ``dense``.
@@ -204,6 +209,7 @@ class UniversalBody(Body):
         ponder_weight: float | None = None,
         ponder_warmup_steps: int | None = None,
         halting_bias_init: float | None = None,
+        halting_warmup_steps: int | None = None,
         halted_update: str | None = None,
         act_weighting: str | None = None,
         act_compute: str | None = None,
@@ -232,6 +238,7 @@ class UniversalBody(Body):
             ponder_weight=ponder_weight,
             ponder_warmup_steps=ponder_warmup_steps,
             halting_bias_init=halting_bias_init,
+            halting_warmup_steps=halting_warmup_steps,
             halted_update=halted_update,
             act_weighting=act_weighting,
             act_compute=act_compute,

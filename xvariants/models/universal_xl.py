@@ -52,7 +52,8 @@ class UniversalXLBody(Body):
     :param norm_first: pre-LN (final LayerNorm added) or post-LN (xl default).
     :param init_std: N(0, std) init (Transformer-XL's scheme).
     :param num_steps, act, max_steps, act_epsilon, ponder_weight, ponder_warmup_steps,
-        halting_bias_init, halted_update, act_weighting: as in the universal body.
+        halting_bias_init, halting_warmup_steps, halted_update, act_weighting: as in the
+        universal body.
     :param step_signal: ``sinusoidal``, ``learned`` or ``none``. :param signal_scale: its
         multiplier; None = ``init_std * sqrt(2 d)`` as in the universal body.
     """
@@ -81,6 +82,7 @@ class UniversalXLBody(Body):
         ponder_weight: float | None = None,
         ponder_warmup_steps: int | None = None,
         halting_bias_init: float | None = None,
+        halting_warmup_steps: int | None = None,
         halted_update: str | None = None,
         act_weighting: str | None = None,
         step_signal: str = "sinusoidal",
@@ -112,6 +114,7 @@ class UniversalXLBody(Body):
             ponder_weight=ponder_weight,
             ponder_warmup_steps=ponder_warmup_steps,
             halting_bias_init=halting_bias_init,
+            halting_warmup_steps=halting_warmup_steps,
             halted_update=halted_update,
             act_weighting=act_weighting,
         )
@@ -240,11 +243,11 @@ class UniversalXLBody(Body):
             rows = None if running is None else running.any(1)
             mem = None if mems is None else mems[n]
             if rows is None or bool(rows.all()):
-                new, w = self._apply(src, r, mem, allowed, attentions is not None)
+                new, w = self._run_block(src, r, mem, allowed, attentions is not None)
             else:  # skip rows whose positions have all halted
                 idx = rows.nonzero().squeeze(1)
                 sub_allowed = allowed if allowed.size(0) == 1 else allowed[idx]
-                out, w = self._apply(src[idx], r, None if mem is None else mem[idx], sub_allowed, attentions is not None)
+                out, w = self._run_block(src[idx], r, None if mem is None else mem[idx], sub_allowed, attentions is not None)
                 new = x.index_copy(0, idx, out)
             if attentions is not None:
                 attentions.append(w)
@@ -275,6 +278,6 @@ class UniversalXLBody(Body):
         aux.attentions = attentions
         return BodyOutput(self.drop(self.ln_f(self.hook_act_output(out))), new_state, aux)
 
-    def _apply(self, src, r, mem, allowed, need_weights):
+    def _run_block(self, src, r, mem, allowed, need_weights):
         blk = self.block
         return blk(src, r, mem=mem, u=blk.attn.r_w_bias, v=blk.attn.r_r_bias, allowed=allowed, need_weights=need_weights)

@@ -213,10 +213,10 @@ class XLBody(Body):
         self.ln_f = nn.LayerNorm(d_model, eps=layer_norm_eps) if final_norm else nn.Identity()
         self.hook_pos = HookPoint()  # R after dropout, [M + T, D]
         init_transformer_xl(self, init_std)
-        #: without gradients (evaluation, generation) keep the keys/values of the memory from the
-        #: previous call instead of projecting the whole memory again every segment (the original
-        #: recomputes them); exact, used only when the same memory object comes back, the weights
-        #: are unchanged and no hook listens. Set False to measure the original's cost.
+        #: without gradients (evaluation, generation) keep the keys/values of the memory (and
+        #: W_R R) from the previous call instead of projecting the whole memory again every
+        #: segment as the original does; exact, used only when the same memory object comes
+        #: back, the weights are unchanged and no hook listens. False = the original's cost.
         self.memory_kv_cache = True
         self._kv_cache: dict | None = None
         self._r_cache: tuple | None = None
@@ -338,7 +338,7 @@ class XLBody(Body):
     def _relative_positions(self, S: int, h: torch.Tensor) -> torch.Tensor:
         """R for ``S`` keys; without gradients the same tensor is returned for the same
         (S, clamp_len, dtype, device), so each layer can reuse its ``W_R R``."""
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or not self.memory_kv_cache:
             return relative_positions(S, self.d_model, self.clamp_len, device=h.device, dtype=h.dtype)
         key = (S, self.clamp_len, h.dtype, h.device)
         c = self._r_cache
