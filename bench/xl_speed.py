@@ -31,7 +31,8 @@ dropout 0. The speed ratio is per layer, so depth does not change it.
    tokens scored) and the ratio is the median of per-round ratios. Only what is listed under
    ``measured`` was timed: nothing is extrapolated.
 
-    python bench/xl_speed.py                 # about 5 minutes on 2 CPU cores
+    python bench/xl_speed.py                 # about 1 minute on 2 idle CPU cores (more when loaded)
+    python bench/xl_speed.py --threads 1     # steadier on a shared, loaded machine
     python bench/xl_speed.py --quick         # a smoke run (fewer rounds / tokens)
 """
 

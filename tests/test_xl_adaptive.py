@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from xvariants.config_errors import ConfigError
 from xvariants.layers.adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax, build_adaptive
-from xvariants.models import LanguageModel, VanillaBody, build_language_model
+from xvariants.models import LanguageModel, build_language_model
 from xvariants.models.xl import XLBody
 
 
