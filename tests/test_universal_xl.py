@@ -140,3 +140,20 @@ def test_memory_from_another_model_is_refused():
     body = make()
     with pytest.raises(ValueError, match="tensors"):
         body(torch.randn(1, 3, D), [torch.zeros(1, 2, D)] * 2)
+
+
+@pytest.mark.parametrize("kind", ["universal_xl", "xl"])
+def test_evaluation_lengths_are_set_and_restored_on_both_memory_bodies(kind):
+    from xvariants.evaluation.procedures import body_lengths
+
+    body = make() if kind == "universal_xl" else XLBody(d_model=D, n_layers=2, n_heads=H, mem_len=16)
+    with body_lengths(body, mem_len=40, clamp_len=12, same_length=True):
+        assert (body.mem_len, body.clamp_len, body.same_length) == (40, 12, True)
+        out = body(torch.randn(2, 6, D))
+        assert all(m.size(1) == 6 for m in out.state)
+    assert (body.mem_len, body.clamp_len, body.same_length) == (16, -1, False)
+    with pytest.raises(ConfigError, match="model.clamp_len"):
+        body.clamp_len = 0
+    with pytest.raises(ConfigError, match="model.same_length"):
+        body.set_eval_lengths(mem_len=0, same_length=True)
+    assert (body.mem_len, body.same_length) == (16, False)  # a refused change leaves nothing half-set

@@ -11,6 +11,8 @@ reads it) and passed back in.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from xvariants.config_errors import require
@@ -128,3 +130,78 @@ def check_eval_segment(tgt_len: int, stream_len: int, *, field: str = "eval.seq_
         f"segment length {tgt_len} is longer than each evaluation stream ({stream_len} tokens): "
         "lower the segment length or the evaluation batch size",
     )
+
+
+class SegmentLengths:
+    """Memory length, clamp length and ``same_length`` of a body with segment memory, validated
+    on every assignment and changeable after construction (evaluation usually keeps a longer
+    memory than training: the paper's enwik8 trains with 512 and evaluates with 2100 / 820).
+    The weights do not depend on them. Mixed into the xl and universal_xl bodies.
+    """
+
+    _mem_len: int = 0
+    _clamp_len: int = -1
+    _same_length: bool = False
+
+    @property
+    def mem_len(self) -> int:
+        return self._mem_len
+
+    @mem_len.setter
+    def mem_len(self, value: int) -> None:
+        self._mem_len = check_mem_len(value)
+
+    @property
+    def clamp_len(self) -> int:
+        return self._clamp_len
+
+    @clamp_len.setter
+    def clamp_len(self, value: int | None) -> None:
+        value = -1 if value is None else value
+        require(
+            isinstance(value, int) and not isinstance(value, bool) and (value == -1 or value >= 1),
+            "model.clamp_len",
+            f"must be -1 (off) or an integer >= 1, got {value!r}",
+        )
+        self._clamp_len = value
+
+    @property
+    def same_length(self) -> bool:
+        return self._same_length
+
+    @same_length.setter
+    def same_length(self, value: bool) -> None:
+        self._same_length = bool(value)
+
+    def set_eval_lengths(
+        self, mem_len: int | None = None, clamp_len: int | None = None, same_length: bool | None = None
+    ) -> None:
+        """Change memory length, clamp length and/or ``same_length`` (None = keep); on a bad
+        value nothing changes."""
+        old = (self._mem_len, self._clamp_len, self._same_length)
+        try:
+            if mem_len is not None:
+                self.mem_len = mem_len
+            if clamp_len is not None:
+                self.clamp_len = clamp_len
+            if same_length is not None:
+                self.same_length = same_length
+            if self.same_length:
+                require(
+                    self.mem_len >= 1,
+                    "model.same_length",
+                    "needs mem_len >= 1 (every query sees exactly mem_len keys; with 0 it would see none)",
+                )
+        except Exception:
+            self._mem_len, self._clamp_len, self._same_length = old
+            raise
+
+    @contextlib.contextmanager
+    def lengths(self, mem_len: int | None = None, clamp_len: int | None = None, same_length: bool | None = None):
+        """``with body.lengths(mem_len=2100, clamp_len=820): ...`` restores the old lengths on exit."""
+        old = (self._mem_len, self._clamp_len, self._same_length)
+        try:
+            self.set_eval_lengths(mem_len, clamp_len, same_length)
+            yield self
+        finally:
+            self._mem_len, self._clamp_len, self._same_length = old

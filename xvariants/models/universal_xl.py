@@ -20,14 +20,13 @@ Composition of :mod:`xvariants.models.universal` (recurrence over depth, step si
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 from torch import nn
 
 from xvariants.config_errors import ConfigError, require
 from xvariants.layers.hooks import HookPoint
-from xvariants.layers.memory import check_mem_len, init_memory, memory_length, truncate_memory, update_memory, validate_memory
+from xvariants.layers.memory import SegmentLengths, init_memory, memory_length, truncate_memory, update_memory, validate_memory
 from xvariants.layers.positions import sinusoid_table
 from xvariants.layers.relative_attention import relative_positions, xl_attention_mask
 from xvariants.models.contract import AuxOutput, Body, BodyOutput, State
@@ -39,7 +38,7 @@ STEP_SIGNALS = ("sinusoidal", "learned", "none")
 
 
 @register_body("universal_xl")
-class UniversalXLBody(Body):
+class UniversalXLBody(SegmentLengths, Body):
     """One shared :class:`XLLayer` applied ``num_steps`` times or adaptively (ACT), with
     relative attention and segment memory per depth step.
 
@@ -120,10 +119,7 @@ class UniversalXLBody(Body):
         )
         self.d_model, self.causal, self.act, self.n_steps = d_model, True, act, n_steps
         self.norm_first, self.step_signal, self.signal_scale = norm_first, step_signal, signal_scale
-        self._mem_len, self._clamp_len, self.same_length = check_mem_len(mem_len), -1, bool(same_length)
-        self.clamp_len = clamp_len
-        if self.same_length:
-            require(mem_len >= 1, "model.same_length", "needs mem_len >= 1")
+        self.set_eval_lengths(mem_len=mem_len, clamp_len=clamp_len, same_length=same_length)
         self.block = XLLayer(
             d_model,
             n_heads,
@@ -147,42 +143,6 @@ class UniversalXLBody(Body):
             nn.init.normal_(self.step_table, std=0.5**0.5)
         if self.halting is not None:
             self.halting.reset_parameters()
-
-    # ------------------------------------------------------------------ lengths
-    @property
-    def mem_len(self) -> int:
-        return self._mem_len
-
-    @mem_len.setter
-    def mem_len(self, value: int) -> None:
-        self._mem_len = check_mem_len(value)
-
-    @property
-    def clamp_len(self) -> int:
-        return self._clamp_len
-
-    @clamp_len.setter
-    def clamp_len(self, value: int | None) -> None:
-        value = -1 if value is None else value
-        require(
-            isinstance(value, int) and not isinstance(value, bool) and (value == -1 or value >= 1),
-            "model.clamp_len",
-            f"must be -1 (off) or an integer >= 1, got {value!r}",
-        )
-        self._clamp_len = value
-
-    @contextlib.contextmanager
-    def lengths(self, mem_len: int | None = None, clamp_len: int | None = None):
-        """``with body.lengths(mem_len=...): ...`` restores the old lengths on exit."""
-        old = (self.mem_len, self.clamp_len)
-        try:
-            if mem_len is not None:
-                self.mem_len = mem_len
-            if clamp_len is not None:
-                self.clamp_len = clamp_len
-            yield self
-        finally:
-            self._mem_len, self._clamp_len = old
 
     def init_state(self, batch_size: int, device: torch.device) -> list[torch.Tensor]:
         """Empty memories: one ``[batch_size, 0, d_model]`` tensor per depth step."""

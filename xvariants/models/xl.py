@@ -20,7 +20,6 @@ there is no final LayerNorm unless ``final_norm=True``.
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 
 import torch
@@ -31,7 +30,7 @@ from xvariants.layers.attention import DecodingCache
 from xvariants.layers.feedforward import FeedForward
 from xvariants.layers.hooks import HookPoint
 from xvariants.layers.memory import (
-    check_mem_len,
+    SegmentLengths,
     init_memory,
     memory_length,
     truncate_memory,
@@ -129,7 +128,7 @@ class XLLayer(nn.Module):
 
 
 @register_body("xl")
-class XLBody(Body):
+class XLBody(SegmentLengths, Body):
     """Transformer-XL: ``n_layers`` relative-attention layers with segment memory.
 
     State: a ``list`` of ``n_layers + 1`` tensors ``[B, M, D]`` (layer inputs of the ``M``
@@ -194,7 +193,6 @@ class XLBody(Body):
         self.d_model, self.causal = d_model, True
         self.n_layers, self.n_heads, self.d_head = n_layers, n_heads, d_head
         self.untie_r, self.norm_first = untie_r, norm_first
-        self._mem_len, self._clamp_len, self._same_length = 0, -1, False
         self.set_eval_lengths(mem_len=mem_len, clamp_len=clamp_len, same_length=same_length)
         self.drop = nn.Dropout(dropout)
         if untie_r:
@@ -221,65 +219,6 @@ class XLBody(Body):
         self._kv_cache: dict | None = None
         self._r_cache: tuple | None = None
         self._hook_points = [m for m in self.modules() if isinstance(m, HookPoint)]
-
-    # ------------------------------------------------------------------ lengths
-    @property
-    def mem_len(self) -> int:
-        return self._mem_len
-
-    @mem_len.setter
-    def mem_len(self, value: int) -> None:
-        self._mem_len = check_mem_len(value)
-
-    @property
-    def clamp_len(self) -> int:
-        return self._clamp_len
-
-    @clamp_len.setter
-    def clamp_len(self, value: int | None) -> None:
-        value = -1 if value is None else value
-        require(
-            isinstance(value, int) and not isinstance(value, bool) and (value == -1 or value >= 1),
-            "model.clamp_len",
-            f"must be -1 (off) or an integer >= 1, got {value!r}",
-        )
-        self._clamp_len = value
-
-    @property
-    def same_length(self) -> bool:
-        return self._same_length
-
-    @same_length.setter
-    def same_length(self, value: bool) -> None:
-        self._same_length = bool(value)
-
-    def set_eval_lengths(
-        self, mem_len: int | None = None, clamp_len: int | None = None, same_length: bool | None = None
-    ) -> None:
-        """Change memory length, clamp length and/or ``same_length`` (None = keep).
-
-        The weights do not depend on them: a model trained with ``mem_len = tgt_len`` is
-        usually evaluated with a longer memory (the paper's enwik8: 80 / 2100 / 820).
-        """
-        if mem_len is not None:
-            self.mem_len = mem_len
-        if clamp_len is not None:
-            self.clamp_len = clamp_len
-        if same_length is not None:
-            self.same_length = same_length
-        if self.same_length:
-            require(self.mem_len >= 1, "model.same_length",
-                    "needs mem_len >= 1 (every query sees exactly mem_len keys; with 0 it would see none)")
-
-    @contextlib.contextmanager
-    def lengths(self, mem_len: int | None = None, clamp_len: int | None = None, same_length: bool | None = None):
-        """``with body.lengths(mem_len=2100, clamp_len=820): ...`` restores the old lengths on exit."""
-        old = (self.mem_len, self.clamp_len, self.same_length)
-        try:
-            self.set_eval_lengths(mem_len, clamp_len, same_length)
-            yield self
-        finally:
-            self._mem_len, self._clamp_len, self._same_length = old
 
     def extra_repr(self) -> str:
         return (f"mem_len={self.mem_len}, clamp_len={self.clamp_len}, same_length={self.same_length}, "
