@@ -18,10 +18,17 @@ def lm(**kw):
     return build_language_model(cfg, V).eval()
 
 
+POSITION_KINDS = {
+    "learned": {"positions": "learned"},
+    "sinusoidal": {"positions": "sinusoidal"},
+    "rotary": {"positions": "none", "rotary": True},
+}
+
+
 @pytest.mark.parametrize("norm_first", [True, False])
-@pytest.mark.parametrize("positions", ["learned", "sinusoidal"])
+@pytest.mark.parametrize("positions", sorted(POSITION_KINDS))
 def test_decoder_is_causal(norm_first, positions):
-    model = lm(norm_first=norm_first, positions=positions)
+    model = lm(norm_first=norm_first, **POSITION_KINDS[positions])
     x = torch.randint(0, V, (3, 20))
     for t in (0, 7, 19):
         y = x.clone()
@@ -42,8 +49,9 @@ def test_encoder_sees_both_directions():
 
 
 @pytest.mark.parametrize("norm_first", [True, False])
-def test_cached_decoding_equals_full_forward(norm_first):
-    model = lm(norm_first=norm_first)
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+def test_cached_decoding_equals_full_forward(norm_first, positions):
+    model = lm(norm_first=norm_first, **POSITION_KINDS[positions])
     x = torch.randint(0, V, (2, 24))
     full = model(x).logits
     cache = model.body.new_cache()
@@ -162,6 +170,9 @@ def test_encoder_classifier_cls_pooling_trains():
         ({"body": "nope"}, "model.body"),
         ({"n_layer": 3}, "model.n_layer"),
         ({"positions": "rotary"}, "model.positions"),
+        ({"rotary": True, "rotary_fraction": 0.0}, "model.rotary_fraction"),
+        ({"rotary": True, "rotary_fraction": 0.05}, "model.rotary_fraction"),
+        ({"rotary": True, "rotary_base": 1.0}, "model.rotary_base"),
         ({"activation": "tanh"}, "model.activation"),
         ({"n_layers": 0}, "model.n_layers"),
     ],
@@ -195,3 +206,25 @@ def test_fused_cross_entropy_matches_autograd_reference():
     torch.testing.assert_close(ours, ref)
     torch.testing.assert_close(g_ours, logits.grad)
     assert (ours[[2, 7]] == 0).all() and (g_ours[[2, 7]] == 0).all()
+
+
+def test_rotary_scores_depend_on_distance_only():
+    from xvariants.layers.rotary import RotaryEmbedding
+
+    torch.manual_seed(0)
+    rope = RotaryEmbedding(16, fraction=0.75)
+    q, k = torch.randn(1, 2, 6, 16), torch.randn(1, 2, 6, 16)
+    scores = lambda off: rope(q, off) @ rope(k, off).transpose(-1, -2)  # noqa: E731
+    torch.testing.assert_close(scores(0), scores(37), atol=1e-4, rtol=1e-4)  # shifting both: same scores
+    assert (scores(0) - q @ k.transpose(-1, -2)).abs().max() > 1e-2  # and positions do matter
+    torch.testing.assert_close(rope(q, 5)[..., 12:], q[..., 12:])  # channels past the fraction pass through
+    torch.testing.assert_close(rope(q, 5).norm(dim=-1), q.norm(dim=-1))  # a rotation keeps norms
+
+
+def test_rotary_model_has_no_length_limit_and_sees_order():
+    model = lm(positions="none", rotary=True, max_len=8)
+    x = torch.randint(0, V, (1, 40))
+    assert model(x).logits.shape == (1, 40, V)  # no position table to run out of
+    swapped = x.clone()
+    swapped[0, [3, 4]] = x[0, [4, 3]]
+    assert (model(x).logits[0, 10] - model(swapped).logits[0, 10]).abs().max() > 1e-4  # order matters

@@ -234,7 +234,7 @@ def test_ddp_two_cpu_processes_train_on_their_own_streams(tmp_path, tiny_text):
     cmd = [sys.executable, "train.py", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
            *small_text(tiny_text), "data.batching=ordered", *TINY[:3], "trainer.accelerator=cpu",
            "trainer.devices=2", "optim.warmup_steps=1", "sample_tokens=0", "trainer.enable_progress_bar=false",
-           f"+callbacks.probe._target_=tests.helpers.BatchProbe", f"+callbacks.probe.out_dir={probe}",
+           "+callbacks.probe._target_=tests.helpers.BatchProbe", f"+callbacks.probe.out_dir={probe}",
            f"hydra.run.dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/cache"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -248,3 +248,17 @@ def test_ddp_two_cpu_processes_train_on_their_own_streams(tmp_path, tiny_text):
         for a, b in zip(recs, recs[1:]):
             assert b["index"] == a["index"] + 1
             assert b["first_tokens"] == a["next_tokens"]
+
+
+def test_weight_decay_hits_matrices_and_embeddings_only():
+    from xvariants.models import build_language_model
+    from xvariants.training.optim import param_groups
+
+    model = build_language_model({"body": "vanilla", "d_model": 16, "n_layers": 1, "n_heads": 2, "max_len": 8}, 11)
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {"embed.tok.weight", "embed.pos.weight", "body.blocks.0.attn.qkv.weight"} <= decayed
+    assert not any(n.endswith("bias") or ".ln" in n for n in decayed)  # biases and LayerNorms are not decayed
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))

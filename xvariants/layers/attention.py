@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xvariants.layers.hooks import HookPoint
+from xvariants.layers.rotary import RotaryEmbedding
 
 
 class KVCache:
@@ -87,13 +88,17 @@ class MultiHeadAttention(nn.Module):
     :param n_heads: number of heads.
     :param dropout: dropout on the attention probabilities.
     :param bias: whether the QKV and output projections have biases.
+    :param rotary: a :class:`RotaryEmbedding` applied to queries and keys (after ``hook_q`` /
+        ``hook_k``; cached keys are stored rotated), or None for no rotary positions.
 
     ``forward(x, causal=..., key_padding_mask=..., kv_cache=..., need_weights=...)`` takes
     ``x`` ``[B, T, D]``; ``key_padding_mask`` ``[B, S]`` is True at padded keys (S = cached + T).
     Returns ``(out [B, T, D], weights [B, H, T, S] or None)``.
     """
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True):
+    def __init__(
+        self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True, rotary: RotaryEmbedding | None = None
+    ):
         super().__init__()
         if d_model % n_heads:
             from xvariants.config_errors import ConfigError
@@ -106,6 +111,7 @@ class MultiHeadAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.out = nn.Linear(d_model, d_model, bias=bias)
         self.out.residual_projection = True
+        self.rotary = rotary
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
         self.hook_scores = HookPoint()  # scaled, masked logits [B, H, T, S] (-inf where masked)
         self.hook_pattern = HookPoint()
@@ -123,6 +129,9 @@ class MultiHeadAttention(nn.Module):
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        if self.rotary is not None:
+            offset = getattr(kv_cache, "length", 0) if kv_cache is not None else 0
+            q, k = self.rotary(q, offset), self.rotary(k, offset)
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)
         S = k.size(2)

@@ -8,6 +8,7 @@ from torch import nn
 from xvariants.layers.attention import KVCache, MultiHeadAttention
 from xvariants.layers.feedforward import FeedForward
 from xvariants.layers.hooks import HookPoint
+from xvariants.layers.rotary import RotaryEmbedding
 
 
 class TransformerBlock(nn.Module):
@@ -27,6 +28,7 @@ class TransformerBlock(nn.Module):
     :param activation: feed-forward activation (``gelu``, ``relu``, ``silu``).
     :param bias: biases in linear maps.
     :param layer_norm_eps: LayerNorm epsilon.
+    :param rotary: rotary position embedding for queries and keys (may be shared by blocks).
     """
 
     def __init__(
@@ -42,11 +44,12 @@ class TransformerBlock(nn.Module):
         activation: str = "gelu",
         bias: bool = True,
         layer_norm_eps: float = 1e-5,
+        rotary: RotaryEmbedding | None = None,
     ):
         super().__init__()
         self.norm_first = norm_first
         self.ln1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias)
-        self.attn = MultiHeadAttention(d_model, n_heads, dropout=attn_dropout, bias=bias)
+        self.attn = MultiHeadAttention(d_model, n_heads, dropout=attn_dropout, bias=bias, rotary=rotary)
         self.ln2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias)
         self.mlp = FeedForward(d_model, d_ff, activation=activation, dropout=ffn_dropout, bias=bias)
         self.drop = nn.Dropout(dropout)

@@ -31,7 +31,10 @@ def build_language_model(config: dict[str, Any], vocab_size: int) -> LanguageMod
     require(isinstance(vocab_size, int) and vocab_size > 0, "data.vocab_size", f"must be a positive int, got {vocab_size}")
     name, lm_kwargs, body_kwargs = split_model_config(config)
     if "positions" in lm_kwargs and lm_kwargs["positions"] not in (None, "learned", "sinusoidal", "none"):
-        raise ConfigError("model.positions", f"unknown kind {lm_kwargs['positions']!r}", ["learned", "sinusoidal", "none"])
+        hint = " (rotary positions are a body option: positions: none, rotary: true)" if lm_kwargs["positions"] in ("rotary", "rope") else ""
+        raise ConfigError(
+            "model.positions", f"unknown kind {lm_kwargs['positions']!r}{hint}", ["learned", "sinusoidal", "none"]
+        )
     if "max_len" in lm_kwargs:
         require(lm_kwargs["max_len"] >= 1, "model.max_len", f"must be >= 1, got {lm_kwargs['max_len']}")
     adaptive = {k: lm_kwargs.pop(k) for k in ADAPTIVE_KEYS if k in lm_kwargs}

@@ -9,6 +9,7 @@ from xvariants.config_errors import require
 from xvariants.layers.attention import DecodingCache
 from xvariants.layers.block import TransformerBlock
 from xvariants.layers.init import init_gpt2
+from xvariants.layers.rotary import RotaryEmbedding
 from xvariants.models.contract import AuxOutput, Body, BodyOutput, State
 from xvariants.models.registry import register_body
 
@@ -28,6 +29,10 @@ class VanillaBody(Body):
     :param activation: feed-forward activation.
     :param bias: biases in linear maps and LayerNorms.
     :param init_std: std of the GPT-2 initialisation.
+    :param rotary: rotary positions on queries and keys in every block (usually with the
+        model's ``positions: none``; the two can also be combined).
+    :param rotary_base: RoPE wavelength base. :param rotary_fraction: share of each head's
+        channels that is rotated.
     """
 
     def __init__(
@@ -43,12 +48,25 @@ class VanillaBody(Body):
         activation: str = "gelu",
         bias: bool = True,
         init_std: float = 0.02,
+        rotary: bool = False,
+        rotary_base: float = 10000.0,
+        rotary_fraction: float = 1.0,
     ):
         super().__init__()
         require(n_layers >= 1, "model.n_layers", f"must be >= 1, got {n_layers}")
         require(d_model >= 1, "model.d_model", f"must be >= 1, got {d_model}")
         require(0.0 <= dropout < 1.0, "model.dropout", f"must be in [0, 1), got {dropout}")
+        require(rotary_base > 1.0, "model.rotary_base", f"must be > 1, got {rotary_base}")
+        require(0.0 < rotary_fraction <= 1.0, "model.rotary_fraction", f"must be in (0, 1], got {rotary_fraction}")
+        require(d_model % n_heads == 0, "model.n_heads", f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        require(
+            not rotary or int(d_model // n_heads * rotary_fraction) >= 2,
+            "model.rotary_fraction",
+            f"rotates no channel pair of a {d_model // n_heads}-wide head",
+        )
         self.d_model, self.causal = d_model, causal
+        # one rotary module (it holds only its frequencies) shared by every block
+        rope = RotaryEmbedding(d_model // n_heads, base=rotary_base, fraction=rotary_fraction) if rotary else None
         self.blocks = nn.ModuleList(
             TransformerBlock(
                 d_model,
@@ -59,6 +77,7 @@ class VanillaBody(Body):
                 norm_first=norm_first,
                 activation=activation,
                 bias=bias,
+                rotary=rope,
             )
             for _ in range(n_layers)
         )

@@ -8,14 +8,16 @@ import torch
 from torch import nn
 
 from xvariants.config_errors import ConfigError, require
+from xvariants.layers.positions import LearnedPositions
 
 #: modules whose ``weight`` is a matrix worth decaying; everything else (biases, norms,
 #: learned attention biases such as Transformer-XL's u/v, halting biases) is not decayed.
-DECAY_MODULES = (nn.Linear, nn.Embedding)
+#: The learned position table is an embedding like any other (nanoGPT and GPT-2 decay it too).
+DECAY_MODULES = (nn.Linear, nn.Embedding, LearnedPositions)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Split parameters into a decayed group (Linear/Embedding weights) and the rest.
+    """Split parameters into a decayed group (Linear/Embedding/position-table weights) and the rest.
 
     Tied parameters appear once (``named_parameters`` de-duplicates them).
     """
