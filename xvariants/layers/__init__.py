@@ -5,6 +5,7 @@ from xvariants.layers.block import TransformerBlock
 from xvariants.layers.feedforward import FeedForward
 from xvariants.layers.hooks import HookPoint
 from xvariants.layers.positions import LearnedPositions, SinusoidalPositions, build_positions, sinusoid_table
+from xvariants.layers.rotary import RotaryEmbedding
 
 __all__ = [
     "DecodingCache",
@@ -13,6 +14,7 @@ __all__ = [
     "KVCache",
     "LearnedPositions",
     "MultiHeadAttention",
+    "RotaryEmbedding",
     "SinusoidalPositions",
     "TransformerBlock",
     "attention_mask",
