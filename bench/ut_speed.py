@@ -17,11 +17,14 @@ AdamW step on ``mean(hidden^2) + ponder cost``.
 
     python bench/ut_speed.py
     python bench/ut_speed.py --d-model 256 --seq-len 512 --batch 8 --rounds 5
+    python bench/ut_speed.py --ckpt logs/ut_shakespeare_char_act/runs/<time>/checkpoints/last.ckpt \
+        --batch 32 --seq-len 64 --out bench/results/ut_speed_trained
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 from pathlib import Path
@@ -86,6 +89,99 @@ def make_step(body, h, mode: str):
     return step
 
 
+def time_setting(mode, name, spread, act, dense, fixed, vanilla, h, args, dev) -> dict:
+    """Time the four bodies on ``h`` in interleaved rounds; one result row."""
+    M = act.n_steps
+    clock = "cpu" if dev.type == "cpu" else "wall"
+    n_mean = mean_steps(act.eval(), h)
+    with torch.no_grad():
+        n_max = float(act(h).aux.stats["ponder_steps_max"])
+    steps = {
+        "act": make_step(act, h, mode),
+        "act_dense": make_step(dense, h, mode),
+        "fixed": make_step(fixed, h, mode),
+        "vanilla": make_step(vanilla, h, mode),
+    }
+    for fn in steps.values():  # warm-up
+        fn()
+    timed = interleaved_rounds(steps, rounds=args.rounds, steps_per_round=args.steps_per_round, device=dev)
+    # process CPU time on a CPU (what the step costs, whatever else the machine runs), wall time on a GPU
+    per_step = timed[clock] if "wall" in timed else timed
+    med = {k: statistics.median(v) for k, v in per_step.items()}
+    ratio = med["act"] / med["fixed"]
+    target_ratio = 1.1 * n_mean / M
+    row = {
+        "mode": mode,
+        "setting": name,
+        "spread": spread,
+        "ponder_steps_mean": round(n_mean, 3),
+        "ponder_steps_max": n_max,
+        "tokens_per_s": {k: round(h.shape[0] * h.shape[1] / v, 1) for k, v in med.items()},
+        "act_over_fixed": round(ratio, 3),
+        "act_dense_over_fixed": round(med["act_dense"] / med["fixed"], 3),
+        "target_act_over_fixed": round(target_ratio, 3),
+        "meets_target": ratio <= target_ratio,
+    }
+    print(row, flush=True)
+    return row
+
+
+def synthetic_rows(args, dev) -> list[dict]:
+    """Random states, halting set to hit each mean, for each spread."""
+    D, M = args.d_model, args.max_steps
+    common = dict(d_model=D, n_heads=args.n_heads, d_ff=4 * D, dropout=0.0, causal=True)
+    torch.manual_seed(0)
+    h = torch.randn(args.batch, args.seq_len, D, device=dev)
+    settings = [(f"mean~{t:g}", t, spread) for spread in args.spreads for t in args.targets] + [("deep (init)", None, None)]
+    rows = []
+    for mode in args.modes:
+        fixed = build_body("universal", num_steps=M, **common).to(dev)
+        vanilla = build_body("vanilla", n_layers=M, **common).to(dev)
+        for name, target, spread in settings:
+            act = build_body("universal", act=True, max_steps=M, **common).to(dev)
+            dense = build_body("universal", act=True, max_steps=M, act_compute="dense", **common).to(dev)
+            if target is not None:
+                bias = calibrate(act.eval(), h, target, spread)
+                set_halting(dense, spread, bias)
+            dense.load_state_dict(act.state_dict())
+            rows.append(time_setting(mode, name, spread, act, dense, fixed, vanilla, h, args, dev))
+    return rows
+
+
+def checkpoint_rows(args, dev) -> tuple[list[dict], str]:
+    """A trained UT+ACT checkpoint on windows of its own validation text: real halting."""
+    from xvariants.training.run import build_datamodule, load_task
+
+    task, _ = load_task(args.ckpt)
+    body = task.model.body
+    if not getattr(body, "act", False) or body.__class__.__name__ != "UniversalBody":
+        raise SystemExit(f"--ckpt needs a checkpoint of body 'universal' with act=true, got {body.__class__.__name__}")
+    dm = build_datamodule(dict(task.hparams.data), task.hparams.tokenizer_state)
+    dm.setup("validate")
+    valid = torch.as_tensor(dm.tokens("valid")[: args.batch * args.seq_len].astype("int64"))
+    if valid.numel() < args.batch * args.seq_len:
+        raise SystemExit(f"the validation split has only {valid.numel()} tokens, fewer than --batch x --seq-len")
+    model = task.model.to(dev).eval()
+    with torch.no_grad():
+        h = model.embed(valid.view(args.batch, args.seq_len).to(dev))
+    cfg = {k: v for k, v in task.hparams.model.items()}
+    M = body.n_steps
+    shape = dict(
+        d_model=body.d_model, n_heads=body.block.attn.n_heads, d_ff=body.block.mlp.fc1.out_features,
+        dropout=0.0, causal=body.causal, norm_first=body.norm_first,
+    )
+    dense = copy.deepcopy(body)
+    dense.act_compute = "dense"
+    fixed = build_body("universal", num_steps=M, **shape).to(dev)
+    vanilla = build_body("vanilla", n_layers=M, **shape).to(dev)
+    rows = [time_setting(mode, "trained", None, body, dense, fixed, vanilla, h, args, dev) for mode in args.modes]
+    desc = (
+        f"Checkpoint `{args.ckpt}` ({cfg.get('body')}, d_model={shape['d_model']}, max_steps={M}): its own halting "
+        f"on the first {args.batch} x {args.seq_len} tokens of its validation split (embedded by the model)."
+    )
+    return rows, desc
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--d-model", type=int, default=128)
@@ -94,69 +190,35 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--targets", type=float, nargs="+", default=[2.0, 4.0, 6.0], help="mean ponder steps to bench")
-    ap.add_argument("--spread", type=float, default=4.0, help="std of halting weights x sqrt(d): how varied N is")
+    ap.add_argument(
+        "--spreads", type=float, nargs="+", default=[4.0],
+        help="std of halting weights x sqrt(d), one table block each: how varied N is across positions "
+        "(0: every position halts at the same step; 4: a long tail of positions running to max_steps)",
+    )
     ap.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps-per-round", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--ckpt", help="time a trained UT+ACT checkpoint's own halting on its validation text instead")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "ut_speed"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev = pick_device(args.device)
     D, M = args.d_model, args.max_steps
     clock = "cpu" if dev.type == "cpu" else "wall"
-    common = dict(d_model=D, n_heads=args.n_heads, d_ff=4 * D, dropout=0.0, causal=True)
-    torch.manual_seed(0)
-    h = torch.randn(args.batch, args.seq_len, D, device=dev)
-    tokens = args.batch * args.seq_len
-    settings = [(f"mean~{t:g}", t) for t in args.targets] + [("deep (init)", None)]
-    results = []
-    for mode in args.modes:
-        fixed = build_body("universal", num_steps=M, **common).to(dev)
-        vanilla = build_body("vanilla", n_layers=M, **{k: v for k, v in common.items()}).to(dev)
-        for name, target in settings:
-            act = build_body("universal", act=True, max_steps=M, **common).to(dev)
-            dense = build_body("universal", act=True, max_steps=M, act_compute="dense", **common).to(dev)
-            if target is not None:
-                bias = calibrate(act.eval(), h, target, args.spread)
-                set_halting(dense, args.spread, bias)
-            dense.load_state_dict(act.state_dict())
-            n_mean = mean_steps(act.eval(), h)
-            with torch.no_grad():
-                n_max = float(act(h).aux.stats["ponder_steps_max"])
-            steps = {
-                "act": make_step(act, h, mode),
-                "act_dense": make_step(dense, h, mode),
-                "fixed": make_step(fixed, h, mode),
-                "vanilla": make_step(vanilla, h, mode),
-            }
-            for fn in steps.values():  # warm-up
-                fn()
-            timed = interleaved_rounds(steps, rounds=args.rounds, steps_per_round=args.steps_per_round, device=dev)
-            # process CPU time on a CPU (what the step costs, whatever else the machine runs), wall time on a GPU
-            per_step = timed[clock] if "wall" in timed else timed
-            med = {k: statistics.median(v) for k, v in per_step.items()}
-            ratio = med["act"] / med["fixed"]
-            target_ratio = 1.1 * n_mean / M
-            results.append(
-                {
-                    "mode": mode,
-                    "setting": name,
-                    "ponder_steps_mean": round(n_mean, 3),
-                    "ponder_steps_max": n_max,
-                    "tokens_per_s": {k: round(tokens / v, 1) for k, v in med.items()},
-                    "act_over_fixed": round(ratio, 3),
-                    "act_dense_over_fixed": round(med["act_dense"] / med["fixed"], 3),
-                    "target_act_over_fixed": round(target_ratio, 3),
-                    "meets_target": ratio <= target_ratio,
-                }
-            )
-            print(results[-1], flush=True)
-    headers = ["mode", "halting", "mean N", "max N", "UT+ACT tok/s", "UT+ACT dense tok/s", "UT fixed tok/s",
+    if args.ckpt:
+        results, shape_desc = checkpoint_rows(args, dev)
+    else:
+        results = synthetic_rows(args, dev)
+        shape_desc = (
+            f"d_model={D}, heads={args.n_heads}, d_ff={4 * D}, max_steps={M} (fixed UT: {M} steps, vanilla: {M} layers), "
+            f"random states; halting weights drawn with the given spread and a bias found by bisection for each mean."
+        )
+    headers = ["mode", "halting", "spread", "mean N", "max N", "UT+ACT tok/s", "UT+ACT dense tok/s", "UT fixed tok/s",
                "vanilla tok/s", "ACT / fixed", "target 1.1 x N/max", "met"]
     rows = [
-        [r["mode"], r["setting"], r["ponder_steps_mean"], int(r["ponder_steps_max"]), r["tokens_per_s"]["act"],
+        [r["mode"], r["setting"], "-" if r["spread"] is None else r["spread"], r["ponder_steps_mean"], int(r["ponder_steps_max"]), r["tokens_per_s"]["act"],
          r["tokens_per_s"]["act_dense"], r["tokens_per_s"]["fixed"], r["tokens_per_s"]["vanilla"], r["act_over_fixed"],
          r["target_act_over_fixed"], "yes" if r["meets_target"] else "no"]
         for r in results
@@ -168,8 +230,7 @@ def main() -> None:
             "",
             f"Command: `{command_line()}`  ",
             f"Device: {info.get('gpu') or info.get('cpu')} ({args.threads} threads), torch {info.get('torch')}. "
-            f"d_model={D}, heads={args.n_heads}, d_ff={4 * D}, max_steps={M} (fixed UT: {M} steps, vanilla: {M} layers), "
-            f"batch {args.batch} x {args.seq_len} tokens, causal. Time per step: median over interleaved rounds of "
+            f"{shape_desc} Batch {args.batch} x {args.seq_len} tokens, causal. Time per step: median over interleaved rounds of "
             f"{'process CPU time (the machine is shared)' if clock == 'cpu' else 'wall time'}; tokens/s = tokens / that time.",
             "",
             markdown_table(headers, rows),

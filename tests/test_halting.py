@@ -208,6 +208,8 @@ def test_statistics():
         ({"halting_bias_init": float("nan")}, "halting_bias_init"),
         ({"weighting": "accumulate"}, "act_weighting"),
         ({"halted_update": "copy"}, "halted_update"),
+        ({"halting_logit_scale": 0.0}, "halting_logit_scale"),
+        ({"halting_logit_scale": float("inf")}, "halting_logit_scale"),
     ],
 )
 def test_bad_options_name_the_field(kwargs, field):
@@ -215,3 +217,25 @@ def test_bad_options_name_the_field(kwargs, field):
         AdaptiveHalting(D, **kwargs)
     assert err.value.field == field
     assert field in str(err.value)
+
+
+def test_halting_logit_scale_scales_only_the_weight_path_and_slows_adam():
+    torch.manual_seed(0)
+    s = torch.randn(4, 6, D)
+    units = {scale: AdaptiveHalting(D, halting_logit_scale=scale) for scale in (1.0, D**-0.5)}
+    with torch.no_grad():
+        for unit in units.values():
+            unit.proj.weight.normal_(std=0.3)
+            unit.proj.bias.fill_(-1.0)
+        units[D**-0.5].proj.weight.copy_(units[1.0].proj.weight)
+    small = units[D**-0.5]
+    expected = torch.sigmoid(D**-0.5 * (s @ small.proj.weight[0]) - 1.0)
+    torch.testing.assert_close(small.halting_prob(s), expected)
+    moved = {}
+    for scale, unit in units.items():  # one Adam step pushing every p up: how far do the logits move?
+        opt = torch.optim.Adam(unit.parameters(), lr=1e-3)
+        before = torch.logit(unit.halting_prob(s).detach())
+        (-unit.halting_prob(s).sum()).backward()
+        opt.step()
+        moved[scale] = (torch.logit(unit.halting_prob(s).detach()) - before).abs().mean().item()
+    assert moved[D**-0.5] < moved[1.0] / 2  # the weight path dominates unscaled, and scaling slows it

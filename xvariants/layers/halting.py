@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from xvariants.config_errors import ConfigError, require
@@ -57,6 +58,7 @@ def check_act_options(
     halting_warmup_steps: int = 0,
     weighting: str,
     halted_update: str,
+    halting_logit_scale: float = 1.0,
     prefix: str = "",
 ) -> None:
     """Validate ACT options; raises :class:`ConfigError` naming ``prefix + field``."""
@@ -80,6 +82,11 @@ def check_act_options(
         isinstance(halting_bias_init, (int, float)) and math.isfinite(halting_bias_init),
         f"{prefix}halting_bias_init",
         f"must be a finite number, got {halting_bias_init!r}",
+    )
+    require(
+        isinstance(halting_logit_scale, (int, float)) and halting_logit_scale > 0 and math.isfinite(halting_logit_scale),
+        f"{prefix}halting_logit_scale",
+        f"must be a finite number > 0, got {halting_logit_scale!r}",
     )
     require(weighting in WEIGHTINGS, f"{prefix}act_weighting", f"unknown weighting {weighting!r}", WEIGHTINGS)
     require(
@@ -154,6 +161,10 @@ class AdaptiveHalting(nn.Module):
         task loss alone drives the halting to 2-3 steps within a few hundred Adam steps when
         shallow outputs fit the early loss better (measured: README, Universal Transformer section).
     :param init_std: std of the halting unit's weight init.
+    :param halting_logit_scale: the logit is ``halting_logit_scale * (w . s) + b``. Adam moves
+        every weight by about the learning rate per step, all in a consistent direction, so the
+        ``w . s`` term of a ``d``-wide unit moves ~``d`` times faster than the bias; a scale of
+        ``1 / sqrt(d)`` (the bodies' default) slows that path down to width-independent speed.
     """
 
     def __init__(
@@ -169,6 +180,7 @@ class AdaptiveHalting(nn.Module):
         ponder_warmup_steps: int = 0,
         halting_warmup_steps: int = 0,
         init_std: float = 0.02,
+        halting_logit_scale: float = 1.0,
     ):
         super().__init__()
         check_act_options(
@@ -180,7 +192,9 @@ class AdaptiveHalting(nn.Module):
             halting_warmup_steps=halting_warmup_steps,
             weighting=weighting,
             halted_update=halted_update,
+            halting_logit_scale=halting_logit_scale,
         )
+        self.logit_scale = float(halting_logit_scale)
         self.max_steps, self.epsilon = max_steps, float(epsilon)
         self.halting_warmup_steps = halting_warmup_steps
         self.threshold = 1.0 - float(epsilon)
@@ -202,14 +216,17 @@ class AdaptiveHalting(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"max_steps={self.max_steps}, epsilon={self.epsilon}, weighting={self.weighting}, "
-            f"halted_update={self.halted_update}, ponder_weight={self.ponder_weight}"
+            f"halted_update={self.halted_update}, ponder_weight={self.ponder_weight}, logit_scale={self.logit_scale:g}"
         )
 
     # ------------------------------------------------------------------ low-level API
     def halting_prob(self, s: torch.Tensor) -> torch.Tensor:
         """``p = sigmoid(w . s + b)``: ``[..., D] -> [...]`` (last axis squeezed explicitly);
         detached during the halting warm-up."""
-        p = torch.sigmoid(self.proj(s).squeeze(-1))
+        logit = F.linear(s, self.proj.weight).squeeze(-1)
+        if self.logit_scale != 1.0:
+            logit = logit * self.logit_scale
+        p = torch.sigmoid(logit + self.proj.bias)
         return p.detach() if self.halting_frozen() else p
 
     def halting_frozen(self) -> bool:

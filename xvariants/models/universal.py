@@ -42,6 +42,7 @@ ACT_DEFAULTS = {
     "halted_update": "freeze",
     "act_weighting": "graves",
     "act_compute": "sparse",
+    "halting_logit_scale": 1.0,
 }
 DEFAULT_NUM_STEPS = 6
 
@@ -88,6 +89,7 @@ def resolve_act_options(act: bool, num_steps: int | None, **act_opts) -> tuple[i
         halting_warmup_steps=opts["halting_warmup_steps"],
         weighting=opts["act_weighting"],
         halted_update=opts["halted_update"],
+        halting_logit_scale=opts.get("halting_logit_scale", 1.0),
         prefix="model.",
     )
     return opts["max_steps"], opts
@@ -106,6 +108,7 @@ def build_halting(d_model: int, opts: dict, init_std: float) -> AdaptiveHalting:
         ponder_warmup_steps=opts["ponder_warmup_steps"],
         halting_warmup_steps=opts["halting_warmup_steps"],
         init_std=init_std,
+        halting_logit_scale=opts.get("halting_logit_scale", 1.0),
     )
 
 
@@ -175,6 +178,7 @@ class UniversalBody(Body):
     :param halted_update: ACT: ``freeze`` (paper) or ``t2t`` (keep transforming halted states).
     :param act_weighting: ACT: ``graves`` (weights sum to 1) or ``t2t`` (interpolation).
     :param act_compute: ACT: ``sparse`` (work only for running positions) or ``dense``.
+    :param halting_logit_scale: ACT: multiplier of ``w . s`` in the halting logit (default 1).
     :param step_signal: ``sinusoidal`` (paper), ``learned`` (tensor2tensor) or ``none``.
     :param position_signal: ``sinusoidal``, ``learned`` or ``none``; added at every step.
     :param max_positions: length limit of learned position signals.
@@ -213,6 +217,7 @@ class UniversalBody(Body):
         halted_update: str | None = None,
         act_weighting: str | None = None,
         act_compute: str | None = None,
+        halting_logit_scale: float | None = None,
         step_signal: str = "sinusoidal",
         position_signal: str = "sinusoidal",
         max_positions: int = 1024,
@@ -242,6 +247,7 @@ class UniversalBody(Body):
             halted_update=halted_update,
             act_weighting=act_weighting,
             act_compute=act_compute,
+            halting_logit_scale=halting_logit_scale,
         )
         self.d_model, self.causal, self.norm_first, self.act = d_model, causal, norm_first, act
         self.n_steps = n_steps  # upper bound of the loop
@@ -424,23 +430,29 @@ class UniversalBody(Body):
         B, T, D = h.shape
         H, Dh = attn.n_heads, attn.d_head
         pre = blk.norm_first
-        wq, wk, wv = attn.qkv.weight.split(D)
-        bq, bk, bv = (None, None, None) if attn.qkv.bias is None else attn.qkv.bias.split(D)
+        # query rows and the fused key/value rows of the shared QKV projection (views, no copy)
+        wq, wkv = attn.qkv.weight[:D], attn.qkv.weight[D:]
+        bq, bkv = (None, None) if attn.qkv.bias is None else (attn.qkv.bias[:D], attn.qkv.bias[D:])
         grad = torch.is_grad_enabled()
         p_drop = attn.dropout if self.training else 0.0
         dev = h.device
 
-        def signal_at(n, b, t):  # signal of step n at positions (b, t)
-            sig = None
-            if pos is not None:
-                sig = pos[b, t] if pos.size(0) > 1 else pos[0, t]
-            if steps is not None:
-                sig = steps[n] if sig is None else sig + steps[n]
-            return 0.0 if sig is None else (sig if scale == 1.0 else scale * sig)
+        step_sig: dict[int, torch.Tensor | float] = {}
+
+        def signal_at(n, b, t):  # signal of step n at positions (b, t): one gather from a per-step table
+            if n not in step_sig:
+                sig = pos if steps is None else (steps[n] if pos is None else pos + steps[n])
+                step_sig.clear()
+                step_sig[n] = 0.0 if sig is None else (sig if scale == 1.0 else scale * sig)
+            sig = step_sig[n]
+            if isinstance(sig, float) or sig.dim() == 1:
+                return sig
+            return sig[b, t] if sig.size(0) > 1 else sig[0, t]
 
         hs = halting.start(h, padding_mask)
         x, shared = h.clone(), False
-        kbuf, vbuf = h.new_zeros(B, T, D), h.new_zeros(B, T, D)
+        kvbuf = h.new_zeros(B, T, 2 * D)  # keys | values of every position, as last computed
+        dense_kv = None  # keys/values of the last all-running step, merged into kvbuf only if a sparse step follows
         refresh = hs.real
         kpos = torch.arange(T, device=dev)[None, None, :]
         for n in range(self.n_steps):
@@ -454,7 +466,7 @@ class UniversalBody(Body):
                 z = x + signal_at(n, slice(None), slice(None)) if pos is not None or steps is not None else x
                 cache = _StepKV(None, None)
                 new, _ = blk(z, causal=self.causal, kv_cache=cache)
-                kbuf, vbuf = (t.transpose(1, 2).reshape(B, T, D) for t in (cache.k, cache.v))
+                dense_kv = (cache.k, cache.v)
                 p = hooks.hook_halting_prob(halting.hook_halting_prob(halting.halting_prob(z)))
                 halting.update(hs, p, new)
                 x, refresh, shared = new, running, True
@@ -462,12 +474,14 @@ class UniversalBody(Body):
             if shared and grad:  # autograd saved that block output for the output sum: update a copy
                 x, shared = x.clone(), False
             put = (lambda t, i, v: t.index_put(i, v)) if grad else (lambda t, i, v: t.index_put_(i, v))
+            if dense_kv is not None:
+                kvbuf = torch.cat([t.transpose(1, 2).reshape(B, T, D) for t in dense_kv], dim=-1)
+                dense_kv = None
             # 1. keys/values of the positions whose state changed at the previous step
             rb, rt = refresh.nonzero(as_tuple=True)
             zr = x[rb, rt] + signal_at(n, rb, rt)
             ar = blk.ln1(zr) if pre else zr
-            kbuf = put(kbuf, (rb, rt), F.linear(ar, wk, bk).to(kbuf.dtype))
-            vbuf = put(vbuf, (rb, rt), F.linear(ar, wv, bv).to(vbuf.dtype))
+            kvbuf = put(kvbuf, (rb, rt), F.linear(ar, wkv, bkv).to(kvbuf.dtype))
             # 2. queries of the running positions, packed per row: [Ba, Q]
             row_any = running.any(1)
             every_row = bool(row_any.all())
@@ -482,8 +496,8 @@ class UniversalBody(Body):
             zq = x[qb, order] + signal_at(n, qb, order)  # [Ba, Q, D]
             aq = blk.ln1(zq) if pre else zq
             q = F.linear(aq, wq, bq).view(Ba, Q, H, Dh).transpose(1, 2)
-            kb, vb = (kbuf, vbuf) if every_row else (kbuf[rows], vbuf[rows])
-            k, v = (t.view(Ba, T, H, Dh).transpose(1, 2) for t in (kb, vb))
+            kv = kvbuf if every_row else kvbuf[rows]
+            k, v = (t.view(Ba, T, H, Dh).transpose(1, 2) for t in (kv[..., :D], kv[..., D:]))
             qpos = order[:, :, None]
             allowed = (kpos <= qpos) if self.causal else None
             if padding_mask is not None:

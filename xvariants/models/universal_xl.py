@@ -51,8 +51,8 @@ class UniversalXLBody(SegmentLengths, Body):
     :param norm_first: pre-LN (final LayerNorm added) or post-LN (xl default).
     :param init_std: N(0, std) init (Transformer-XL's scheme).
     :param num_steps, act, max_steps, act_epsilon, ponder_weight, ponder_warmup_steps,
-        halting_bias_init, halting_warmup_steps, halted_update, act_weighting: as in the
-        universal body.
+        halting_bias_init, halting_warmup_steps, halted_update, act_weighting,
+        halting_logit_scale: as in the universal body.
     :param step_signal: ``sinusoidal``, ``learned`` or ``none``. :param signal_scale: its
         multiplier; None = ``init_std * sqrt(2 d)`` as in the universal body.
     """
@@ -84,6 +84,7 @@ class UniversalXLBody(SegmentLengths, Body):
         halting_warmup_steps: int | None = None,
         halted_update: str | None = None,
         act_weighting: str | None = None,
+        halting_logit_scale: float | None = None,
         step_signal: str = "sinusoidal",
         signal_scale: float | None = None,
     ):
@@ -116,6 +117,7 @@ class UniversalXLBody(SegmentLengths, Body):
             halting_warmup_steps=halting_warmup_steps,
             halted_update=halted_update,
             act_weighting=act_weighting,
+            halting_logit_scale=halting_logit_scale,
         )
         self.d_model, self.causal, self.act, self.n_steps = d_model, True, act, n_steps
         self.norm_first, self.step_signal, self.signal_scale = norm_first, step_signal, signal_scale
