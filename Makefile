@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: help setup train test test-full bench clean
+.PHONY: help setup train test test-fast bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -20,11 +20,11 @@ setup: $(VENV)/.installed  ## create the environment and install the package
 train: setup  ## train the default small decoder on the embedded corpus
 	$(PY) train.py
 
-test: setup  ## run the test suite (excludes tests marked slow)
-	$(PY) -m pytest -q -m "not slow"
-
-test-full: setup  ## run every test
+test: setup  ## run the whole test suite (what CI runs; ~3 min on 2 cores)
 	$(PY) -m pytest -q
+
+test-fast: setup  ## skip the tests marked slow (every experiment running a few steps, DDP, ...)
+	$(PY) -m pytest -q -m "not slow"
 
 bench: setup  ## benchmarks (slow; write bench/results/)
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[bench]"

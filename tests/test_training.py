@@ -101,7 +101,7 @@ def test_every_experiment_runs_a_few_steps(tmp_path, tiny_text, name):
         # the corpus is not here: same model and loop, on a small local text
         overrides += ["data.corpus.name=text", f"+data.corpus.path={tiny_text}", "~data.corpus.data_dir"]
         if cfg.model.get("adaptive_cutoffs"):  # a small local text has far fewer words than the cutoffs
-            overrides.append("model.adaptive_cutoffs=null")
+            overrides += ["model.adaptive_cutoffs=null", "model.tie_projs=null", "model.div_val=1", "model.d_embed=null"]
     if "batch_size" in cfg.data:
         overrides += ["data.batch_size=2", "data.eval_batch_size=2"]
     metrics, _ = run_train(tmp_path, *overrides)
