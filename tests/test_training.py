@@ -262,3 +262,23 @@ def test_weight_decay_hits_matrices_and_embeddings_only():
     assert {"embed.tok.weight", "embed.pos.weight", "body.blocks.0.attn.qkv.weight"} <= decayed
     assert not any(n.endswith("bias") or ".ln" in n for n in decayed)  # biases and LayerNorms are not decayed
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_validation_uses_the_experiments_eval_memory_and_restores_training_lengths():
+    from xvariants.training.module import LMTask
+    from xvariants.training.run import validation_lengths
+
+    xl = {"body": "xl", "d_model": 16, "n_layers": 1, "n_heads": 2, "mem_len": 4}
+    optim = {"lr": 1e-3}
+    assert validation_lengths({"seq_len": 80, "mem_len": 2100}) is None  # eval.py's lengths, not validation's
+    task = LMTask(model=xl, vocab_size=11, optim=optim, val_lengths=validation_lengths({"val_mem_len": 9}))
+    body = task.model.body
+    task.on_validation_epoch_start()
+    assert body.mem_len == 9
+    task.on_validation_epoch_end()
+    assert body.mem_len == 4
+    with pytest.raises(ConfigError, match="eval.val_mem_len"):
+        validation_lengths({"val_mem_len": -1})
+    vanilla = {"body": "vanilla", "d_model": 16, "n_layers": 1, "n_heads": 2, "max_len": 8}
+    with pytest.raises(ConfigError, match="eval.val_mem_len"):
+        LMTask(model=vanilla, vocab_size=11, optim=optim, val_lengths={"mem_len": 9})

@@ -7,6 +7,7 @@ extra losses the body reports, aux statistics logged as they come, recurrent sta
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -17,6 +18,7 @@ import numpy as np
 import lightning as L
 import torch
 
+from xvariants.config_errors import ConfigError
 from xvariants.models import build_language_model, detach_state, map_state
 from xvariants.models.contract import AuxOutput
 from xvariants.training.optim import build_optimizer
@@ -38,6 +40,9 @@ class LMTask(L.LightningModule):
     :param compile: ``torch.compile`` the model in place before fitting.
     :param log_accuracy: also log token and sequence accuracy on scored positions.
     :param data: the data config the model was trained on (eval.py rebuilds the test split from it).
+    :param val_lengths: memory lengths (``mem_len`` / ``clamp_len`` / ``same_length``) a body with
+        segment memory uses during validation, e.g. Transformer-XL's longer evaluation memory
+        (the experiments' ``eval.val_mem_len``); None = the training lengths. Restored after.
     """
 
     def __init__(
@@ -51,10 +56,17 @@ class LMTask(L.LightningModule):
         compile: bool = False,
         log_accuracy: bool = False,
         data: dict | None = None,
+        val_lengths: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.model = build_language_model(dict(model), vocab_size)
+        if val_lengths and not hasattr(self.model.body, "lengths"):
+            raise ConfigError(
+                "eval.val_mem_len",
+                f"validation memory lengths need a body with segment memory; body {model.get('body')!r} has none",
+            )
+        self._val_lengths = contextlib.ExitStack()
         self.train_state = None  # recurrent state of the training streams (per rank)
         self.last_aux: AuxOutput | None = None  # for callbacks (ponder maps, ...)
         self._next_batch = 0  # index of the next training batch within the epoch
@@ -159,12 +171,17 @@ class LMTask(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._eval_epoch_start()
+        if self.hparams.val_lengths:
+            self._val_lengths.enter_context(self.model.body.lengths(**self.hparams.val_lengths))
 
     def on_test_epoch_start(self) -> None:
         self._eval_epoch_start()
 
     def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
+        try:
+            self._eval_epoch_end("val")
+        finally:
+            self._val_lengths.close()  # back to the training lengths
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from xvariants.config_errors import ConfigError
+from xvariants.config_errors import ConfigError, require
 from xvariants.evaluation.baselines import nats_to_bits, unigram_cross_entropy
 from xvariants.training.checkpoint import AtomicCheckpointIO, CheckpointError, safe_load
 from xvariants.training.module import BIT_UNITS, LMTask
@@ -48,6 +48,20 @@ def build_datamodule(data: dict, tokenizer_state: dict | None = None):
     if tokenizer_state is not None:
         data["tokenizer_state"] = tokenizer_state
     return hydra.utils.instantiate(data, _convert_="all")
+
+
+def validation_lengths(eval_cfg: dict | None) -> dict | None:
+    """Memory lengths for validation during training from an experiment's ``eval`` block:
+    ``val_mem_len`` (the original Transformer-XL validates with ``mem_len + tgt_len - eval_tgt_len``)."""
+    value = (eval_cfg or {}).get("val_mem_len")
+    if value is None:
+        return None
+    require(
+        isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+        "eval.val_mem_len",
+        f"must be an integer >= 0, got {value!r}",
+    )
+    return {"mem_len": value}
 
 
 def check_resume_compatible(ckpt: dict, model_cfg: dict, vocab_size: int, path: str) -> None:
@@ -90,6 +104,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         compile=plain.get("compile", False),
         log_accuracy=plain.get("log_accuracy", False),
         data=plain["data"],
+        val_lengths=validation_lengths(plain.get("eval")),
     )
     _write_run_files(out_dir, plain, dm, task)
 
