@@ -493,9 +493,13 @@ class UniversalBody(Body):
             valid = torch.arange(Q, device=dev)[None, :] < counts[:, None]
             Ba = rows.numel()
             qb = rows[:, None].expand(Ba, Q)
-            zq = x[qb, order] + signal_at(n, qb, order)  # [Ba, Q, D]
-            aq = blk.ln1(zq) if pre else zq
-            q = F.linear(aq, wq, bq).view(Ba, Q, H, Dh).transpose(1, 2)
+            # inputs, LayerNorm and query projection on the running positions only (flat), then
+            # placed into the packed [Ba, Q] layout attention needs (empty slots stay zero)
+            slots = valid.nonzero(as_tuple=True)
+            index = (qb[slots], order[slots])
+            zf = x[index] + signal_at(n, *index)  # [N, D]
+            qf = F.linear(blk.ln1(zf) if pre else zf, wq, bq)
+            q = qf.new_zeros(Ba, Q, D).index_put(slots, qf).view(Ba, Q, H, Dh).transpose(1, 2)
             kv = kvbuf if every_row else kvbuf[rows]
             k, v = (t.view(Ba, T, H, Dh).transpose(1, 2) for t in (kv[..., :D], kv[..., D:]))
             qpos = order[:, :, None]
@@ -507,16 +511,14 @@ class UniversalBody(Body):
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=None if allowed is None else allowed[:, None], dropout_p=p_drop
             )
-            a = attn.out(y.transpose(1, 2).reshape(Ba, Q, D))
+            af = attn.out(y.transpose(1, 2).reshape(Ba, Q, D)[slots])
             # 3. residuals, feed-forward and halting probability of the running positions (flat)
-            zf, af = zq[valid], a[valid]
             if pre:
                 x1 = zf + blk.drop(af)
                 x2 = x1 + blk.drop(blk.mlp(blk.ln2(x1)))
             else:
                 x1 = blk.ln1(zf + blk.drop(af))
                 x2 = blk.ln2(x1 + blk.drop(blk.mlp(x1)))
-            index = (qb[valid], order[valid])
             p = torch.zeros(B, T, dtype=zf.dtype, device=dev).index_put(index, halting.halting_prob(zf))
             p = hooks.hook_halting_prob(halting.hook_halting_prob(p))
             x2 = x2.to(x.dtype)
