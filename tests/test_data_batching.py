@@ -89,6 +89,7 @@ def test_random_windows_are_deterministic_per_address():
     assert not torch.equal(first["input"], other_rank[(0, 3)]["input"])
     other_seed = RandomWindows(tokens, 4, 16, 5, seed=8)
     assert not torch.equal(first["input"], other_seed[(0, 3)]["input"])
+    assert torch.equal(ds[3]["input"], first["input"])  # a plain index (Lightning's overfit sampler) = epoch 0
     # Windows are contiguous slices of the stream, targets shifted by one.
     x, y = first["input"], first["target"]
     assert torch.equal(x[:, 1:] - x[:, :-1], torch.ones(4, 15, dtype=torch.int64))

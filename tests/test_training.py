@@ -282,3 +282,33 @@ def test_validation_uses_the_experiments_eval_memory_and_restores_training_lengt
     vanilla = {"body": "vanilla", "d_model": 16, "n_layers": 1, "n_heads": 2, "max_len": 8}
     with pytest.raises(ConfigError, match="eval.val_mem_len"):
         LMTask(model=vanilla, vocab_size=11, optim=optim, val_lengths={"mem_len": 9})
+
+
+GROUP_OPTIONS = [
+    (group, p.stem)
+    for group in ("model", "logger", "debug", "callbacks", "tokenizer", "trainer")
+    for p in sorted((CONFIGS / group).glob("*.yaml"))
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("group, name", GROUP_OPTIONS, ids=[f"{g}={n}" for g, n in GROUP_OPTIONS])
+def test_every_config_of_every_group_composes_and_runs(tmp_path, tiny_text, group, name):
+    """Each option of each config group, on top of the defaults, trains a few steps."""
+    from xvariants.training.run import train
+
+    overrides = [o for o in TINY if not o.startswith(f"{group}=")] + [
+        f"{group}={name}", "data=text", f"data.corpus.path={tiny_text}", "data.seq_len=16",
+        "data.batch_size=2", "data.eval_batch_size=2", "model.d_model=32", "model.n_heads=2", "model.d_ff=64",
+    ]
+    if group == "model" and "xl" in name:
+        overrides.append("data.batching=ordered")  # segment memory reads consecutive windows of each stream
+    if group == "trainer" and name in ("gpu", "ddp"):
+        overrides = [o for o in overrides if not o.startswith(("trainer.accelerator", "trainer.devices"))]
+    cfg = compose_train(overrides, tmp_path)
+    if group == "trainer" and name == "gpu" and not torch.cuda.is_available():
+        pytest.skip("trainer=gpu composes; running it needs a CUDA device")
+    if group == "trainer" and name == "ddp":
+        pytest.skip("trainer=ddp composes; test_ddp_two_cpu_processes_train_on_their_own_streams runs it")
+    metrics = train(cfg)
+    assert metrics.get("val/loss", 0) > 0 or metrics.get("train/loss", 0) > 0, metrics

@@ -174,8 +174,9 @@ class RandomWindows(_PicklableTokens, Dataset):
         rng = np.random.Generator(np.random.PCG64(seed))
         return rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
 
-    def __getitem__(self, address: tuple[int, int]) -> Batch:
-        epoch, index = address
+    def __getitem__(self, address: tuple[int, int] | int) -> Batch:
+        # a plain index means epoch 0: Lightning swaps in a SequentialSampler for overfit_batches
+        epoch, index = (0, address) if isinstance(address, int) else address
         if not 0 <= index < len(self):
             raise IndexError(f"batch {index} out of range for {len(self)} batches per epoch")
         positions = self.offsets(epoch, index)[:, None] + np.arange(self.seq_len + 1)
