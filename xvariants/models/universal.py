@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xvariants.config_errors import ConfigError, require
+from xvariants.layers.attention import DecodingCache
 from xvariants.layers.block import TransformerBlock
 from xvariants.layers.halting import DEFAULT_HALTING_BIAS, AdaptiveHalting, check_act_options
 from xvariants.layers.hooks import HookPoint
@@ -282,13 +283,13 @@ class UniversalBody(Body):
         self._state_hooks = [m for hk in self.steps for m in (hk.hook_resid_pre, hk.hook_resid_post)]
 
     # ------------------------------------------------------------------ signals
-    def _position_signal(self, B: int, T: int, device, dtype) -> torch.Tensor | None:
+    def _position_signal(self, B: int, T: int, device, dtype, start: int = 0) -> torch.Tensor | None:
         if self.position_signal == "none":
             return None
         offset = None
         if self.training and self.position_offset_max > 0:
             offset = torch.randint(0, self.position_offset_max + 1, (B, 1), device=device)
-        pos = torch.arange(T, device=device)[None, :]
+        pos = torch.arange(start, start + T, device=device)[None, :]
         if offset is not None:
             pos = pos + offset
         if self.position_signal == "sinusoidal":
@@ -308,10 +309,12 @@ class UniversalBody(Body):
             return self.step_table
         return sinusoid_table(torch.arange(self.n_steps, device=device), self.d_model).to(dtype)
 
-    def _signal_parts(self, h: torch.Tensor):
-        """(position signal ``[1 or B, T, D]`` or None, step signals ``[S, D]`` or None, scale)."""
+    def _signal_parts(self, h: torch.Tensor, start: int = 0):
+        """(position signal ``[1 or B, T, D]`` or None, step signals ``[S, D]`` or None, scale);
+        positions count from ``start`` (the length of a decoding cache)."""
         B, T, _ = h.shape
-        return self._position_signal(B, T, h.device, h.dtype), self._step_signals(h.device, h.dtype), self.signal_scale
+        pos = self._position_signal(B, T, h.device, h.dtype, start)
+        return pos, self._step_signals(h.device, h.dtype), self.signal_scale
 
     @staticmethod
     def _signal_fn(parts):
@@ -339,15 +342,18 @@ class UniversalBody(Body):
     ) -> BodyOutput:
         if state is not None:
             raise ValueError("the universal body is stateless: pass state=None")
-        if cache is not None:
-            raise ValueError("the universal body has no decoding cache (the step count varies per position)")
+        if cache is not None and (self.act or not self.causal):
+            raise ValueError(
+                "only the fixed-step causal universal body has a decoding cache (under ACT the step count varies "
+                "per position; generate() recomputes the window instead)"
+            )
         if padding_mask is not None and padding_mask.shape != h.shape[:2]:
             raise ValueError(f"padding_mask must be [B, T] = {tuple(h.shape[:2])}, got {tuple(padding_mask.shape)}")
-        parts = self._signal_parts(h)
+        parts = self._signal_parts(h, 0 if cache is None else cache.length)
         attentions = [] if return_attention else None
         try:
             if not self.act:
-                out, aux = self._fixed(h, self._signal_fn(parts), padding_mask, attentions), AuxOutput()
+                out, aux = self._fixed(h, self._signal_fn(parts), padding_mask, attentions, cache), AuxOutput()
             else:
                 out, aux = self._adaptive(h, parts, padding_mask, attentions)
         finally:
@@ -355,12 +361,18 @@ class UniversalBody(Body):
         aux.attentions = attentions
         return BodyOutput(self.ln_f(self.hook_act_output(out)), None, aux)
 
-    def _fixed(self, h, signal, padding_mask, attentions) -> torch.Tensor:
+    def _fixed(self, h, signal, padding_mask, attentions, cache=None) -> torch.Tensor:
         x = h
         for n in range(self.n_steps):
             self.current_step = n
             z = self.steps[n].hook_resid_pre(signal(x, n))
-            x, w = self.block(z, causal=self.causal, key_padding_mask=padding_mask, need_weights=attentions is not None)
+            x, w = self.block(
+                z,
+                causal=self.causal,
+                key_padding_mask=padding_mask,
+                kv_cache=None if cache is None else cache.layers[n],  # each step attends to its own keys
+                need_weights=attentions is not None,
+            )
             x = self.steps[n].hook_resid_post(x)
             if attentions is not None:
                 attentions.append(w)
@@ -529,6 +541,10 @@ class UniversalBody(Body):
         if self.training:
             halting.tick()
         return halting.result(hs, x)
+
+    def new_cache(self) -> DecodingCache | None:
+        """Per-step key/value caches for incremental decoding (fixed-step causal mode only)."""
+        return None if self.act or not self.causal else DecodingCache(self.n_steps)
 
     def extra_repr(self) -> str:
         mode = f"act(max_steps={self.n_steps})" if self.act else f"num_steps={self.n_steps}"
