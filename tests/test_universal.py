@@ -320,11 +320,10 @@ def test_bad_input_one_clear_message(kwargs, field):
     assert str(err.value).startswith(field)
 
 
-def test_state_and_cache_are_refused():
+def test_state_is_refused():
     body = make()
     with pytest.raises(ValueError, match="stateless"):
         body(torch.randn(1, 3, D), state=[torch.zeros(1)])
-    assert body.new_cache() is None
 
 
 @pytest.mark.parametrize("signals", [("sinusoidal", "sinusoidal"), ("learned", "learned")])
@@ -351,8 +350,43 @@ def test_fixed_step_cached_decoding_equals_full_forward(signals):
     assert torch.equal(greedy, chain)
 
 
-def test_act_and_encoder_bodies_have_no_decoding_cache():
-    assert make().new_cache() is None  # ACT: step counts differ per position
+def test_encoder_and_t2t_act_bodies_have_no_decoding_cache():
     assert build_body("universal", d_model=D, n_heads=H, num_steps=2, causal=False).new_cache() is None
-    with pytest.raises(ValueError, match="fixed-step causal"):
-        make()(torch.randn(1, 3, D), cache=build_body("universal", d_model=D, n_heads=H, num_steps=2).new_cache())
+    t2t = make(halted_update="t2t")  # a halted state keeps changing: nothing to freeze in a cache
+    assert t2t.new_cache() is None
+    with pytest.raises(ValueError, match="no decoding cache"):
+        t2t(torch.randn(1, 3, D), cache=make().new_cache())
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_act_cached_decoding_equals_full_forward(norm_first):
+    """Each token halts on its own; later tokens attend to earlier tokens' frozen keys at every
+    later step, including steps the earlier tokens' own forward never ran."""
+    body = make(causal=True, norm_first=norm_first)
+    h = torch.randn(2, 16, D)
+    full = body(h)
+    n_full = full.aux.maps["n_updates"]
+    assert n_full.min() < n_full.max()  # halting varies over positions
+    cache = body.new_cache()
+    parts = [body(h[:, :5], cache=cache)]  # a prompt, then one position at a time
+    for t in range(5, 16):
+        parts.append(body(h[:, t : t + 1], cache=cache))
+    torch.testing.assert_close(torch.cat([p.hidden for p in parts], 1), full.hidden, atol=1e-5, rtol=1e-5)
+    assert torch.equal(torch.cat([p.aux.maps["n_updates"] for p in parts], 1), n_full)
+    assert {layer.length for layer in cache.layers} == {16}  # every step holds every token
+
+
+def test_act_generate_uses_the_cache_and_matches_recomputing():
+    from xvariants.models import build_language_model
+
+    cfg = {"body": "universal", "d_model": D, "n_heads": H, "act": True, "max_steps": 5, "dropout": 0.0,
+           "halting_bias_init": -0.5, "signal_scale": 0.1}
+    torch.manual_seed(0)
+    lm = build_language_model(cfg, 13).eval()
+    torch.nn.init.normal_(lm.body.halting.proj.weight, std=1.5 / D**0.5)
+    prompt = torch.randint(0, 13, (2, 4))
+    greedy = lm.generate(prompt, 8, temperature=0)
+    chain = prompt
+    for _ in range(8):
+        chain = torch.cat([chain, lm(chain).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(greedy, chain)

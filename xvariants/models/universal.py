@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xvariants.config_errors import ConfigError, require
-from xvariants.layers.attention import DecodingCache
+from xvariants.layers.attention import DecodingCache, KVCache
 from xvariants.layers.block import TransformerBlock
 from xvariants.layers.halting import DEFAULT_HALTING_BIAS, AdaptiveHalting, check_act_options
 from xvariants.layers.hooks import HookPoint
@@ -145,10 +145,14 @@ class StepHooks(nn.Module):
 
 class _StepKV:
     """Duck-typed KV cache for one dense step: keys/values of positions in ``refresh`` come
-    from this step, the others keep the frozen values of earlier steps."""
+    from this step, the others keep the frozen values of earlier steps. With ``past`` (this
+    step's decoding cache) the attention also sees the earlier tokens' keys/values; ``k`` /
+    ``v`` keep only this call's positions."""
 
-    def __init__(self, frozen: tuple[torch.Tensor, torch.Tensor] | None, refresh: torch.Tensor | None):
-        self.frozen, self.refresh = frozen, refresh
+    def __init__(
+        self, frozen: tuple[torch.Tensor, torch.Tensor] | None, refresh: torch.Tensor | None, past: KVCache | None = None
+    ):
+        self.frozen, self.refresh, self.past = frozen, refresh, past
         self.k = self.v = None
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,6 +160,8 @@ class _StepKV:
             m = self.refresh[:, None, :, None]  # [B, 1, T, 1] against [B, H, T, Dh]
             k, v = torch.where(m, k, self.frozen[0].to(k.dtype)), torch.where(m, v, self.frozen[1].to(v.dtype))
         self.k, self.v = k, v
+        if self.past is not None and self.past.k is not None:
+            return torch.cat([self.past.k, k], dim=2), torch.cat([self.past.v, v], dim=2)
         return k, v
 
 
@@ -342,10 +348,10 @@ class UniversalBody(Body):
     ) -> BodyOutput:
         if state is not None:
             raise ValueError("the universal body is stateless: pass state=None")
-        if cache is not None and (self.act or not self.causal):
+        if cache is not None and self.new_cache() is None:
             raise ValueError(
-                "only the fixed-step causal universal body has a decoding cache (under ACT the step count varies "
-                "per position; generate() recomputes the window instead)"
+                "this universal body has no decoding cache: it needs a causal body, and under ACT "
+                "halted_update='freeze' (with 't2t' a halted state keeps changing at every later step)"
             )
         if padding_mask is not None and padding_mask.shape != h.shape[:2]:
             raise ValueError(f"padding_mask must be [B, T] = {tuple(h.shape[:2])}, got {tuple(padding_mask.shape)}")
@@ -355,7 +361,7 @@ class UniversalBody(Body):
             if not self.act:
                 out, aux = self._fixed(h, self._signal_fn(parts), padding_mask, attentions, cache), AuxOutput()
             else:
-                out, aux = self._adaptive(h, parts, padding_mask, attentions)
+                out, aux = self._adaptive(h, parts, padding_mask, attentions, cache)
         finally:
             self.current_step = None
         aux.attentions = attentions
@@ -378,17 +384,20 @@ class UniversalBody(Body):
                 attentions.append(w)
         return x
 
-    def _adaptive(self, h, parts, padding_mask, attentions) -> tuple[torch.Tensor, AuxOutput]:
+    def _adaptive(self, h, parts, padding_mask, attentions, cache=None) -> tuple[torch.Tensor, AuxOutput]:
         halting = self.halting
         freeze = halting.halted_update == "freeze"
         dense = (
-            self.act_compute == "dense" or attentions is not None or any(m.has_hooks() for m in self._block_hooks)
+            cache is not None  # decoding: usually one token, the dense reference loop with the past keys
+            or self.act_compute == "dense"
+            or attentions is not None
+            or any(m.has_hooks() for m in self._block_hooks)
         )
         if freeze and not dense and not any(m.has_hooks() for m in self._state_hooks):
             res = self._sparse_freeze_loop(h, parts, padding_mask)
             return res.output, act_aux(halting, res)
         signal = self._signal_fn(parts)
-        kv: dict = {"frozen": None, "prev_running": None}
+        kv: dict = {"frozen": None, "prev_running": None, "steps": []}
 
         def step_fn(x: torch.Tensor, n: int, running: torch.Tensor):
             self.current_step = n
@@ -401,12 +410,13 @@ class UniversalBody(Body):
                 frozen = kv["frozen"]
                 if refresh is not None and bool(refresh.all()):
                     frozen = refresh = None  # nothing frozen yet: no merge needed
-                cache = _StepKV(frozen, refresh) if freeze else None
+                step_kv = _StepKV(frozen, refresh, None if cache is None else cache.layers[n]) if freeze else None
                 new, w = self.block(
-                    z, causal=self.causal, key_padding_mask=padding_mask, kv_cache=cache, need_weights=attentions is not None
+                    z, causal=self.causal, key_padding_mask=padding_mask, kv_cache=step_kv, need_weights=attentions is not None
                 )
                 if freeze:
-                    kv["frozen"] = (cache.k, cache.v)
+                    kv["frozen"] = (step_kv.k, step_kv.v)
+                    kv["steps"].append(kv["frozen"])
                 if attentions is not None:
                     attentions.append(w)
             else:
@@ -417,7 +427,32 @@ class UniversalBody(Body):
             return z, hooks.hook_resid_post(new)
 
         res = halting(step_fn, h, padding_mask, step_hooks=self.steps)
+        if cache is not None:
+            self._extend_cache(cache, kv["steps"], kv["prev_running"], res.state, signal)
         return res.output, act_aux(halting, res)
+
+    @torch.no_grad()
+    def _extend_cache(self, cache: DecodingCache, step_kv: list, last_running: torch.Tensor, state, signal) -> None:
+        """Append this call's keys/values to every step's cache. Steps the loop ran store what
+        the tokens exposed there; later steps store each token's frozen keys/values: for a
+        token that halted at the last step run, computed now from its final state plus the next
+        step's signal (what a later, longer-running token will attend to), for the others the
+        frozen values it already had."""
+        ran = len(step_kv)
+        for n in range(ran):
+            cache.layers[n].append(*step_kv[n])
+        if ran == self.n_steps:
+            return
+        z = signal(state, ran)
+        a = self.block.ln1(z) if self.block.norm_first else z
+        attn, D = self.block.attn, self.d_model
+        bias = None if attn.qkv.bias is None else attn.qkv.bias[D:]
+        k, v = F.linear(a, attn.qkv.weight[D:], bias).view(*a.shape[:2], 2, attn.n_heads, attn.d_head).unbind(2)
+        m = last_running[:, None, :, None]
+        k = torch.where(m, k.transpose(1, 2), step_kv[-1][0])
+        v = torch.where(m, v.transpose(1, 2), step_kv[-1][1])
+        for n in range(ran, self.n_steps):
+            cache.layers[n].append(k, v)
 
     # ------------------------------------------------------------------ sparse steps
     def _sparse_rows_step(self, x, z, running, padding_mask) -> torch.Tensor:
@@ -543,8 +578,11 @@ class UniversalBody(Body):
         return halting.result(hs, x)
 
     def new_cache(self) -> DecodingCache | None:
-        """Per-step key/value caches for incremental decoding (fixed-step causal mode only)."""
-        return None if self.act or not self.causal else DecodingCache(self.n_steps)
+        """Per-step key/value caches for incremental decoding (causal; under ACT with frozen
+        halted states). Every step's cache holds every token, so all have the same length."""
+        if not self.causal or (self.act and self.halting.halted_update != "freeze"):
+            return None
+        return DecodingCache(self.n_steps)
 
     def extra_repr(self) -> str:
         mode = f"act(max_steps={self.n_steps})" if self.act else f"num_steps={self.n_steps}"
