@@ -165,6 +165,8 @@ class AdaptiveHalting(nn.Module):
         every weight by about the learning rate per step, all in a consistent direction, so the
         ``w . s`` term of a ``d``-wide unit moves ~``d`` times faster than the bias; a scale of
         ``1 / sqrt(d)`` (the bodies' default) slows that path down to width-independent speed.
+    :param field_prefix: prepended to the option names in error messages (``"model."`` when a
+        body builds the unit from its config).
     """
 
     def __init__(
@@ -181,9 +183,11 @@ class AdaptiveHalting(nn.Module):
         halting_warmup_steps: int = 0,
         init_std: float = 0.02,
         halting_logit_scale: float = 1.0,
+        field_prefix: str = "",
     ):
         super().__init__()
         check_act_options(
+            prefix=field_prefix,
             max_steps=max_steps,
             epsilon=epsilon,
             ponder_weight=ponder_weight,

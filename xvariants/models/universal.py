@@ -23,7 +23,7 @@ from torch import nn
 from xvariants.config_errors import ConfigError, require
 from xvariants.layers.attention import DecodingCache, KVCache
 from xvariants.layers.block import TransformerBlock
-from xvariants.layers.halting import DEFAULT_HALTING_BIAS, AdaptiveHalting, check_act_options
+from xvariants.layers.halting import DEFAULT_HALTING_BIAS, AdaptiveHalting
 from xvariants.layers.hooks import HookPoint
 from xvariants.layers.init import init_gpt2
 from xvariants.layers.positions import sinusoid_table
@@ -53,11 +53,15 @@ def default_signal_scale(init_std: float, d_model: int) -> float:
     return init_std * (2.0 * d_model) ** 0.5
 
 
-def resolve_act_options(act: bool, num_steps: int | None, **act_opts) -> tuple[int, dict]:
-    """Check the step options of a universal body; returns (loop bound, ACT options with defaults).
+def resolve_act_options(
+    act: bool, num_steps: int | None, d_model: int, init_std: float, **act_opts
+) -> tuple[int, AdaptiveHalting | None, dict]:
+    """Check the step options of a universal body; returns (loop bound, the halting unit or
+    None, ACT options with defaults).
 
     ACT options (``max_steps``, ``act_epsilon``, ...) default to None = "not set": setting one
-    without ``act=true`` is an error, and so is ``num_steps`` with ``act=true``.
+    without ``act=true`` is an error, and so is ``num_steps`` with ``act=true``. The halting unit
+    validates the ACT options itself, naming ``model.<option>``.
     """
     if not act:
         for name, value in act_opts.items():
@@ -72,7 +76,7 @@ def resolve_act_options(act: bool, num_steps: int | None, **act_opts) -> tuple[i
             "model.num_steps",
             f"must be an integer >= 1, got {num_steps!r}",
         )
-        return num_steps, {}
+        return num_steps, None, {}
     if num_steps is not None:
         raise ConfigError(
             "model.num_steps",
@@ -81,24 +85,7 @@ def resolve_act_options(act: bool, num_steps: int | None, **act_opts) -> tuple[i
     opts = {k: ACT_DEFAULTS[k] if v is None else v for k, v in act_opts.items()}
     if "act_compute" in opts:
         require(opts["act_compute"] in ACT_COMPUTE, "model.act_compute", f"unknown mode {opts['act_compute']!r}", ACT_COMPUTE)
-    check_act_options(
-        max_steps=opts["max_steps"],
-        epsilon=opts["act_epsilon"],
-        ponder_weight=opts["ponder_weight"],
-        ponder_warmup_steps=opts["ponder_warmup_steps"],
-        halting_bias_init=opts["halting_bias_init"],
-        halting_warmup_steps=opts["halting_warmup_steps"],
-        weighting=opts["act_weighting"],
-        halted_update=opts["halted_update"],
-        halting_logit_scale=opts.get("halting_logit_scale", 1.0),
-        prefix="model.",
-    )
-    return opts["max_steps"], opts
-
-
-def build_halting(d_model: int, opts: dict, init_std: float) -> AdaptiveHalting:
-    """The halting unit from resolved ACT options."""
-    return AdaptiveHalting(
+    halting = AdaptiveHalting(
         d_model,
         max_steps=opts["max_steps"],
         epsilon=opts["act_epsilon"],
@@ -109,8 +96,10 @@ def build_halting(d_model: int, opts: dict, init_std: float) -> AdaptiveHalting:
         ponder_warmup_steps=opts["ponder_warmup_steps"],
         halting_warmup_steps=opts["halting_warmup_steps"],
         init_std=init_std,
-        halting_logit_scale=opts.get("halting_logit_scale", 1.0),
+        halting_logit_scale=opts["halting_logit_scale"],
+        field_prefix="model.",
     )
+    return opts["max_steps"], halting, opts
 
 
 def act_aux(halting: AdaptiveHalting, res) -> AuxOutput:
@@ -242,9 +231,11 @@ class UniversalBody(Body):
         signal_scale = default_signal_scale(init_std, d_model) if signal_scale is None else float(signal_scale)
         if "sinusoidal" in (step_signal, position_signal):
             require(d_model % 2 == 0, "model.d_model", f"sinusoidal signals need an even width, got {d_model}")
-        n_steps, act_opts = resolve_act_options(
+        n_steps, halting, act_opts = resolve_act_options(
             act,
             num_steps,
+            d_model,
+            init_std,
             max_steps=max_steps,
             act_epsilon=act_epsilon,
             ponder_weight=ponder_weight,
@@ -274,7 +265,7 @@ class UniversalBody(Body):
         self.ln_f = nn.LayerNorm(d_model, bias=bias) if norm_first else nn.Identity()
         self.step_table = nn.Parameter(torch.zeros(self.n_steps, d_model)) if step_signal == "learned" else None
         self.pos_table = nn.Parameter(torch.zeros(max_positions, d_model)) if position_signal == "learned" else None
-        self.halting = build_halting(d_model, act_opts, init_std) if act else None
+        self.halting = halting
         self.steps = nn.ModuleList(StepHooks() for _ in range(self.n_steps))
         self.hook_act_output = HookPoint()
         self.current_step: int | None = None

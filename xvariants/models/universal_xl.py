@@ -31,7 +31,7 @@ from xvariants.layers.positions import sinusoid_table
 from xvariants.layers.relative_attention import relative_positions, xl_attention_mask
 from xvariants.models.contract import AuxOutput, Body, BodyOutput, State
 from xvariants.models.registry import register_body
-from xvariants.models.universal import StepHooks, act_aux, build_halting, default_signal_scale, resolve_act_options
+from xvariants.models.universal import StepHooks, act_aux, default_signal_scale, resolve_act_options
 from xvariants.models.xl import XLLayer, init_transformer_xl
 
 STEP_SIGNALS = ("sinusoidal", "learned", "none")
@@ -106,9 +106,11 @@ class UniversalXLBody(SegmentLengths, Body):
         require(step_signal in STEP_SIGNALS, "model.step_signal", f"unknown signal {step_signal!r}", STEP_SIGNALS)
         require(signal_scale is None or signal_scale >= 0, "model.signal_scale", f"must be >= 0 or null (auto), got {signal_scale}")
         signal_scale = default_signal_scale(init_std, d_model) if signal_scale is None else float(signal_scale)
-        n_steps, act_opts = resolve_act_options(
+        n_steps, halting, _ = resolve_act_options(
             act,
             num_steps,
+            d_model,
+            init_std,
             max_steps=max_steps,
             act_epsilon=act_epsilon,
             ponder_weight=ponder_weight,
@@ -135,7 +137,7 @@ class UniversalXLBody(SegmentLengths, Body):
         self.drop = nn.Dropout(dropout)
         self.ln_f = nn.LayerNorm(d_model) if norm_first else nn.Identity()
         self.step_table = nn.Parameter(torch.zeros(n_steps, d_model)) if step_signal == "learned" else None
-        self.halting = build_halting(d_model, act_opts, init_std) if act else None
+        self.halting = halting
         self.steps = nn.ModuleList(StepHooks() for _ in range(n_steps))
         self.hook_act_output = HookPoint()
         self.hook_pos = HookPoint()
