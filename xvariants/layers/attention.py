@@ -130,8 +130,8 @@ class MultiHeadAttention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if self.rotary is not None:
-            offset = getattr(kv_cache, "length", 0) if kv_cache is not None else 0
-            q, k = self.rotary(q, offset), self.rotary(k, offset)
+            offset = getattr(kv_cache, "length", 0)  # cached positions come first (0 without a cache)
+            q, k = self.rotary.rotate_pair(q, k, offset)
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)
         S = k.size(2)

@@ -43,7 +43,14 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """``x`` ``[..., T, d_head]`` at positions ``offset ..`` -> rotated ``x`` (same shape, dtype)."""
-        cos, sin = self.angles(x.size(-2), offset, x.device)
+        return self._rotate(x, *self.angles(x.size(-2), offset, x.device))
+
+    def rotate_pair(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys of the same positions, rotated with one computation of the angles."""
+        cos, sin = self.angles(q.size(-2), offset, q.device)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = self.dim // 2
         x1, x2, rest = x[..., :half].float(), x[..., half : self.dim].float(), x[..., self.dim :]
         rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
