@@ -58,7 +58,6 @@ class VanillaBody(Body):
         require(0.0 <= dropout < 1.0, "model.dropout", f"must be in [0, 1), got {dropout}")
         require(rotary_base > 1.0, "model.rotary_base", f"must be > 1, got {rotary_base}")
         require(0.0 < rotary_fraction <= 1.0, "model.rotary_fraction", f"must be in (0, 1], got {rotary_fraction}")
-        require(d_model % n_heads == 0, "model.n_heads", f"d_model={d_model} is not divisible by n_heads={n_heads}")
         require(
             not rotary or int(d_model // n_heads * rotary_fraction) >= 2,
             "model.rotary_fraction",
