@@ -48,6 +48,18 @@ def _check_div_val(div_val: int, d_embed: int, n_clusters: int) -> None:
         require(smallest >= 1, "model.div_val", f"d_embed={d_embed} // div_val**{n_clusters - 1} leaves width 0 for the last cluster")
 
 
+def cluster_layout(
+    vocab_size: int, d_model: int, cutoffs: Sequence[int], d_embed: int | None, div_val: int
+) -> tuple[int, list[int], list[int]]:
+    """Checked cluster layout shared by adaptive input and softmax: ``(d_embed, cutoffs,
+    cutoff_ends)`` with ``cutoffs`` ending at ``vocab_size`` and ``cutoff_ends = [0] + cutoffs``."""
+    cutoffs = check_cutoffs(cutoffs, vocab_size)
+    d_embed = d_model if d_embed is None else d_embed
+    _check_div_val(div_val, d_embed, len(cutoffs) + 1)
+    ends = cutoffs + [vocab_size]
+    return d_embed, ends, [0] + ends
+
+
 class AdaptiveEmbedding(nn.Module):
     """Adaptive input: per-cluster embedding tables of shrinking width, projected to ``d_model``.
 
@@ -80,12 +92,8 @@ class AdaptiveEmbedding(nn.Module):
         proj_init_std: float = 0.01,
     ):
         super().__init__()
-        cutoffs = check_cutoffs(cutoffs, vocab_size)
-        d_embed = d_model if d_embed is None else d_embed
-        _check_div_val(div_val, d_embed, len(cutoffs) + 1)
+        d_embed, self.cutoffs, self.cutoff_ends = cluster_layout(vocab_size, d_model, cutoffs, d_embed, div_val)
         self.vocab_size, self.d_model, self.d_embed, self.div_val = vocab_size, d_model, d_embed, div_val
-        self.cutoffs = cutoffs + [vocab_size]
-        self.cutoff_ends = [0] + self.cutoffs
         self.emb_layers = nn.ModuleList()
         if div_val == 1:
             self.emb_layers.append(nn.Embedding(vocab_size, d_embed))
@@ -174,12 +182,8 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
         proj_init_std: float = 0.01,
     ):
         super().__init__()
-        cutoffs = check_cutoffs(cutoffs, vocab_size)
-        d_embed = d_model if d_embed is None else d_embed
-        _check_div_val(div_val, d_embed, len(cutoffs) + 1)
+        d_embed, self.cutoffs, self.cutoff_ends = cluster_layout(vocab_size, d_model, cutoffs, d_embed, div_val)
         self.vocab_size, self.d_model, self.d_embed, self.div_val = vocab_size, d_model, d_embed, div_val
-        self.cutoffs = cutoffs + [vocab_size]
-        self.cutoff_ends = [0] + self.cutoffs
         self.shortlist_size = self.cutoffs[0]
         self.n_clusters = len(self.cutoffs) - 1
         if self.n_clusters > 0:
