@@ -2,20 +2,40 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid. The message names the field and what is allowed."""
 
     def __init__(self, field: str, problem: str, allowed: Iterable | str | None = None):
-        self.field = field
+        self.field, self.problem, self.allowed = field, problem, allowed
         msg = f"{field}: {problem}"
         if allowed is not None:
             if not isinstance(allowed, str):
                 allowed = ", ".join(str(a) for a in allowed)
             msg += f" (allowed: {allowed})"
         super().__init__(msg)
+
+    def under(self, prefix: str) -> "ConfigError":
+        """The same error with ``prefix`` (e.g. ``"model."``) put before its field."""
+        err = ConfigError(prefix + self.field, self.problem, self.allowed)
+        err.__cause__ = self.__cause__
+        return err
+
+
+@contextlib.contextmanager
+def config_scope(prefix: str) -> Iterator[None]:
+    """Errors raised inside name fields from where the user set them: a layer names its own
+    argument (``mem_len``) and the config boundary adds the group (``model.mem_len``).
+    Fields that already carry the prefix are left as they are."""
+    try:
+        yield
+    except ConfigError as err:
+        if err.field.startswith(prefix):
+            raise
+        raise err.under(prefix) from None
 
 
 def require(condition: bool, field: str, problem: str, allowed: Iterable | str | None = None) -> None:
