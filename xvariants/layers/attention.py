@@ -9,6 +9,7 @@ hook listens on ``hook_pattern`` or ``hook_scores`` (the scaled, masked logits).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +117,32 @@ class MultiHeadAttention(nn.Module):
         self.hook_scores = HookPoint()  # scaled, masked logits [B, H, T, S] (-inf where masked)
         self.hook_pattern = HookPoint()
         self.hook_z = HookPoint()
+
+    # ---- pieces of forward for callers that compute attention for a subset of positions (the
+    # universal body's sparse ACT steps); no hook points fire and rotary positions are not applied
+    def split_projections(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+        """``(project_q, project_kv)``: the query projection ``[..., D] -> [..., D]`` and the fused
+        key/value projection ``[..., D] -> [..., 2 D]`` (keys first), heads side by side, for
+        callers that project different positions for queries and for keys. Get them once per
+        forward pass: they share one view of each part of the fused weight, so autograd sums
+        their gradients there once."""
+        D, w, b = self.d_model, self.qkv.weight, self.qkv.bias
+        wq, wkv = w[:D], w[D:]
+        bq, bkv = (None, None) if b is None else (b[:D], b[D:])
+        return (lambda x: F.linear(x, wq, bq)), (lambda x: F.linear(x, wkv, bkv))
+
+    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """``[B, T, D]`` -> ``[B, H, T, Dh]``."""
+        return t.view(*t.shape[:2], self.n_heads, self.d_head).transpose(1, 2)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+        """Attention of queries ``q`` ``[B, H, Q, Dh]`` over ``k``, ``v`` ``[B, H, S, Dh]``
+        (``allowed`` ``[B or 1, 1, Q, S]`` True where a query may attend, None = everywhere),
+        with this module's attention dropout; returns the heads merged, ``[B, Q, D]``, before
+        the output projection :attr:`out`."""
+        p_drop = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p_drop)
+        return y.transpose(1, 2).reshape(q.size(0), q.size(2), self.d_model)
 
     def forward(
         self,

@@ -24,17 +24,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from xvariants.config_errors import ConfigError, require
+from xvariants.config_errors import ConfigError, config_scope, require
+from xvariants.layers.halting import AdaptiveHalting, resolve_step_options, run_steps, running_rows
 from xvariants.layers.hooks import HookPoint
 from xvariants.layers.memory import SegmentLengths, init_memory, memory_length, truncate_memory, update_memory, validate_memory
-from xvariants.layers.positions import sinusoid_table
 from xvariants.layers.relative_attention import relative_positions, xl_attention_mask
 from xvariants.models.contract import AuxOutput, Body, BodyOutput, State
 from xvariants.models.registry import register_body
-from xvariants.models.universal import StepHooks, act_aux, default_signal_scale, resolve_act_options
+from xvariants.layers.steps import SIGNALS as STEP_SIGNALS
+from xvariants.layers.steps import StepHooks, StepSignal, default_signal_scale, step_signal_table
 from xvariants.models.xl import XLLayer, init_transformer_xl
-
-STEP_SIGNALS = ("sinusoidal", "learned", "none")
 
 
 @register_body("universal_xl")
@@ -106,21 +105,20 @@ class UniversalXLBody(SegmentLengths, Body):
         require(step_signal in STEP_SIGNALS, "model.step_signal", f"unknown signal {step_signal!r}", STEP_SIGNALS)
         require(signal_scale is None or signal_scale >= 0, "model.signal_scale", f"must be >= 0 or null (auto), got {signal_scale}")
         signal_scale = default_signal_scale(init_std, d_model) if signal_scale is None else float(signal_scale)
-        n_steps, halting, _ = resolve_act_options(
-            act,
-            num_steps,
-            d_model,
-            init_std,
-            max_steps=max_steps,
-            act_epsilon=act_epsilon,
-            ponder_weight=ponder_weight,
-            ponder_warmup_steps=ponder_warmup_steps,
-            halting_bias_init=halting_bias_init,
-            halting_warmup_steps=halting_warmup_steps,
-            halted_update=halted_update,
-            act_weighting=act_weighting,
-            halting_logit_scale=halting_logit_scale,
-        )
+        with config_scope("model."):
+            n_steps, act_opts = resolve_step_options(
+                act,
+                num_steps,
+                max_steps=max_steps,
+                act_epsilon=act_epsilon,
+                ponder_weight=ponder_weight,
+                ponder_warmup_steps=ponder_warmup_steps,
+                halting_bias_init=halting_bias_init,
+                halting_warmup_steps=halting_warmup_steps,
+                halted_update=halted_update,
+                act_weighting=act_weighting,
+                halting_logit_scale=halting_logit_scale,
+            )
         self.d_model, self.causal, self.act, self.n_steps = d_model, True, act, n_steps
         self.norm_first, self.step_signal, self.signal_scale = norm_first, step_signal, signal_scale
         self.set_eval_lengths(mem_len=mem_len, clamp_len=clamp_len, same_length=same_length)
@@ -137,7 +135,7 @@ class UniversalXLBody(SegmentLengths, Body):
         self.drop = nn.Dropout(dropout)
         self.ln_f = nn.LayerNorm(d_model) if norm_first else nn.Identity()
         self.step_table = nn.Parameter(torch.zeros(n_steps, d_model)) if step_signal == "learned" else None
-        self.halting = halting
+        self.halting = None if act_opts is None else AdaptiveHalting.from_options(d_model, act_opts, init_std=init_std)
         self.steps = nn.ModuleList(StepHooks() for _ in range(n_steps))
         self.hook_act_output = HookPoint()
         self.hook_pos = HookPoint()
@@ -158,12 +156,6 @@ class UniversalXLBody(SegmentLengths, Body):
         return f"{mode}, mem_len={self.mem_len}, clamp_len={self.clamp_len}, step_signal={self.step_signal}"
 
     # ------------------------------------------------------------------ forward
-    def _step_signals(self, device, dtype) -> torch.Tensor | None:
-        if self.step_signal == "none":
-            return None
-        table = self.step_table if self.step_signal == "learned" else sinusoid_table(torch.arange(self.n_steps, device=device), self.d_model)
-        return self.signal_scale * table.to(dtype)
-
     def forward(
         self,
         h: torch.Tensor,
@@ -189,7 +181,8 @@ class UniversalXLBody(SegmentLengths, Body):
             self_key = torch.arange(S, device=h.device)[None, :] == (torch.arange(T, device=h.device)[:, None] + M)
             allowed = (allowed & ~pad[:, None, None, :]) | self_key
         r = self.hook_pos(self.drop(relative_positions(S, D, self.clamp_len, device=h.device, dtype=h.dtype)))
-        steps = self._step_signals(h.device, h.dtype)
+        table = step_signal_table(self.step_signal, self.n_steps, self.d_model, self.step_table, h.device, h.dtype)
+        signal = StepSignal(None, None if table is None else table.to(h.dtype), self.signal_scale)
         attentions = [] if return_attention else None
         freeze = self.halting is None or self.halting.halted_update == "freeze"
         inputs: list[torch.Tensor] = []  # what each step presents to attention (memory entries)
@@ -197,45 +190,34 @@ class UniversalXLBody(SegmentLengths, Body):
 
         def step_fn(x: torch.Tensor, n: int, running: torch.Tensor | None):
             self.current_step = n
-            z = x if steps is None else x + steps[n]
-            z = self.steps[n].hook_resid_pre(z)
+            z = self.steps[n].hook_resid_pre(signal(x, n))
             src = z
             if freeze and n > 0 and book["prev_running"] is not None:
                 # halted positions keep presenting the input of the step after they halted
                 src = torch.where(book["prev_running"][..., None], z, inputs[-1])
             inputs.append(src)
-            rows = None if running is None else running.any(1)
             mem = None if mems is None else mems[n]
-            if rows is None or bool(rows.all()):
+            rows = None if running is None else running_rows(running)  # skip rows whose positions have all halted
+            if rows is None:
                 new, w = self._run_block(src, r, mem, allowed, attentions is not None)
-            else:  # skip rows whose positions have all halted
-                idx = rows.nonzero().squeeze(1)
-                sub_allowed = allowed if allowed.size(0) == 1 else allowed[idx]
-                out, w = self._run_block(src[idx], r, None if mem is None else mem[idx], sub_allowed, attentions is not None)
-                new = x.index_copy(0, idx, out)
+            else:
+                sub_allowed = allowed if allowed.size(0) == 1 else allowed[rows]
+                out, w = self._run_block(src[rows], r, None if mem is None else mem[rows], sub_allowed, attentions is not None)
+                new = x.index_copy(0, rows, out)
             if attentions is not None:
                 attentions.append(w)
-            if running is not None:
-                book["prev_running"] = running
-                if freeze:
-                    new = torch.where(running[..., None], new, x)
-            return z, self.steps[n].hook_resid_post(new)
+            book["prev_running"] = running
+            return z, new
 
         try:
-            if self.halting is None:
-                x = h
-                for n in range(self.n_steps):
-                    _, x = step_fn(x, n, None)
-                out, aux = x, AuxOutput()
-            else:
-                res = self.halting(step_fn, h, padding_mask, step_hooks=self.steps)
-                x, out, aux = res.state, res.output, act_aux(self.halting, res)
-                # steps the loop did not need: every position has halted; what it would present there
-                for n in range(len(inputs), self.n_steps):
-                    z = x if steps is None else x + steps[n]
-                    prev = book["prev_running"]
-                    inputs.append(z if not freeze or prev is None or n == 0 else torch.where(prev[..., None], z, inputs[-1]))
-                    book["prev_running"] = torch.zeros_like(prev) if prev is not None else None
+            x, res = run_steps(step_fn, h, self.n_steps, halting=self.halting, padding_mask=padding_mask, step_hooks=self.steps)
+            out, aux = (x, AuxOutput()) if res is None else (res.output, AuxOutput(**self.halting.report(res)))
+            # steps the loop did not need: every position has halted; what it would present there
+            for n in range(len(inputs), self.n_steps):
+                z = signal(x, n)
+                prev = book["prev_running"]
+                inputs.append(z if not freeze or prev is None or n == 0 else torch.where(prev[..., None], z, inputs[-1]))
+                book["prev_running"] = torch.zeros_like(prev) if prev is not None else None
         finally:
             self.current_step = None
         new_state = update_memory(mems, inputs, self.mem_len)

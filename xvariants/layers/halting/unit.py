@@ -17,82 +17,28 @@ At its halting step it gets the remainder ``R = 1 - sum_{n<N} p_n``; every earli
   (``N`` is piecewise constant), i.e. it trains the halting unit.
 
 ``halted_update`` says what happens to a halted position's *state* (its output is fixed by
-the weights either way): ``"freeze"`` copies it forward unchanged (the paper), ``"t2t"``
-keeps transforming it (tensor2tensor), which only matters to the positions that attend to it.
+the weights either way): ``"freeze"`` copies it forward unchanged, ``"t2t"`` keeps
+transforming it (tensor2tensor), which only matters to the positions that attend to it
+(exact rules: :class:`~xvariants.layers.halting.options.ACTOptions`).
 
 Low-level API: :meth:`AdaptiveHalting.start`, :meth:`halting_prob`, :meth:`update`,
 :meth:`ponder_cost`. High-level API: ``forward(step_fn, x, padding_mask)`` runs the whole loop
-around any ``step_fn(x, step, running) -> (halting_input, new_x)``.
+(:func:`~xvariants.layers.halting.loop.run_steps`) around any
+``step_fn(x, step, running) -> (halting_input, new_x)``.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xvariants.config_errors import ConfigError, require
+from xvariants.layers.halting.loop import StepFn, run_steps
+from xvariants.layers.halting.options import DEFAULT_HALTING_BIAS, ACTOptions
 from xvariants.layers.hooks import HookPoint
-
-WEIGHTINGS = ("graves", "t2t")
-HALTED_UPDATES = ("freeze", "t2t")
-
-#: Default halting-bias init. p = sigmoid(-3) ~ 0.047, so at initialisation every position
-#: runs to ``max_steps`` ("deep start") and the ponder cost then removes the steps that do
-#: not help. tensor2tensor's +1 (p ~ 0.73) and a zero bias (p = 0.5) both halt every
-#: position at step 2 at init, the collapse reported in t2t#1723.
-DEFAULT_HALTING_BIAS = -3.0
-
-
-def check_act_options(
-    *,
-    max_steps: int,
-    epsilon: float,
-    ponder_weight: float,
-    ponder_warmup_steps: int,
-    halting_bias_init: float,
-    halting_warmup_steps: int = 0,
-    weighting: str,
-    halted_update: str,
-    halting_logit_scale: float = 1.0,
-    prefix: str = "",
-) -> None:
-    """Validate ACT options; raises :class:`ConfigError` naming ``prefix + field``."""
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise ConfigError(f"{prefix}max_steps", f"must be an integer >= 1, got {max_steps!r}")
-    if not (isinstance(epsilon, (int, float)) and 0.0 < epsilon < 1.0):
-        raise ConfigError(f"{prefix}act_epsilon", f"must lie strictly between 0 and 1, got {epsilon!r}")
-    if not (isinstance(ponder_weight, (int, float)) and ponder_weight >= 0.0 and math.isfinite(ponder_weight)):
-        raise ConfigError(f"{prefix}ponder_weight", f"must be a finite number >= 0, got {ponder_weight!r}")
-    require(
-        isinstance(ponder_warmup_steps, int) and ponder_warmup_steps >= 0,
-        f"{prefix}ponder_warmup_steps",
-        f"must be an integer >= 0, got {ponder_warmup_steps!r}",
-    )
-    require(
-        isinstance(halting_warmup_steps, int) and halting_warmup_steps >= 0,
-        f"{prefix}halting_warmup_steps",
-        f"must be an integer >= 0, got {halting_warmup_steps!r}",
-    )
-    require(
-        isinstance(halting_bias_init, (int, float)) and math.isfinite(halting_bias_init),
-        f"{prefix}halting_bias_init",
-        f"must be a finite number, got {halting_bias_init!r}",
-    )
-    require(
-        isinstance(halting_logit_scale, (int, float)) and halting_logit_scale > 0 and math.isfinite(halting_logit_scale),
-        f"{prefix}halting_logit_scale",
-        f"must be a finite number > 0, got {halting_logit_scale!r}",
-    )
-    require(weighting in WEIGHTINGS, f"{prefix}act_weighting", f"unknown weighting {weighting!r}", WEIGHTINGS)
-    require(
-        halted_update in HALTED_UPDATES, f"{prefix}halted_update", f"unknown halted update {halted_update!r}", HALTED_UPDATES
-    )
-
 
 @dataclass
 class HaltingState:
@@ -151,7 +97,9 @@ class AdaptiveHalting(nn.Module):
     :param halting_bias_init: initial bias of the halting unit (see :data:`DEFAULT_HALTING_BIAS`).
     :param weighting: ``"graves"`` (weighted sum, weights sum to 1) or ``"t2t"`` (interpolation).
     :param halted_update: ``"freeze"`` (halted states are copied forward) or ``"t2t"``
-        (halted states keep being transformed); used by :meth:`forward`.
+        (halted states keep being transformed); used by :meth:`forward`. Bad options raise
+        :class:`~xvariants.config_errors.ConfigError` naming the :class:`ACTOptions` field
+        (``act_epsilon`` for ``epsilon``, ``act_weighting`` for ``weighting``).
     :param ponder_weight: weight of the ponder cost in the objective (see :meth:`current_ponder_weight`).
     :param ponder_warmup_steps: the weight ramps linearly from 0 over this many training
         forward passes (counted in the ``ponder_calls`` buffer, so it survives checkpoints).
@@ -165,8 +113,6 @@ class AdaptiveHalting(nn.Module):
         every weight by about the learning rate per step, all in a consistent direction, so the
         ``w . s`` term of a ``d``-wide unit moves ~``d`` times faster than the bias; a scale of
         ``1 / sqrt(d)`` (the bodies' default) slows that path down to width-independent speed.
-    :param field_prefix: prepended to the option names in error messages (``"model."`` when a
-        body builds the unit from its config).
     """
 
     def __init__(
@@ -183,21 +129,19 @@ class AdaptiveHalting(nn.Module):
         halting_warmup_steps: int = 0,
         init_std: float = 0.02,
         halting_logit_scale: float = 1.0,
-        field_prefix: str = "",
     ):
         super().__init__()
-        check_act_options(
-            prefix=field_prefix,
+        ACTOptions(
             max_steps=max_steps,
-            epsilon=epsilon,
+            act_epsilon=epsilon,
             ponder_weight=ponder_weight,
             ponder_warmup_steps=ponder_warmup_steps,
             halting_bias_init=halting_bias_init,
             halting_warmup_steps=halting_warmup_steps,
-            weighting=weighting,
+            act_weighting=weighting,
             halted_update=halted_update,
             halting_logit_scale=halting_logit_scale,
-        )
+        )  # validation only
         self.logit_scale = float(halting_logit_scale)
         self.max_steps, self.epsilon = max_steps, float(epsilon)
         self.halting_warmup_steps = halting_warmup_steps
@@ -212,6 +156,23 @@ class AdaptiveHalting(nn.Module):
         # fire at every step; bodies add per-step copies (steps.{n}.hook_*) for step-resolved access
         self.hook_halting_prob = HookPoint()
         self.hook_active = HookPoint()
+
+    @classmethod
+    def from_options(cls, d_model: int, opts: ACTOptions, init_std: float = 0.02) -> "AdaptiveHalting":
+        """The halting unit for ``opts`` (already validated)."""
+        return cls(
+            d_model,
+            max_steps=opts.max_steps,
+            epsilon=opts.act_epsilon,
+            halting_bias_init=opts.halting_bias_init,
+            weighting=opts.act_weighting,
+            halted_update=opts.halted_update,
+            ponder_weight=opts.ponder_weight,
+            ponder_warmup_steps=opts.ponder_warmup_steps,
+            halting_warmup_steps=opts.halting_warmup_steps,
+            init_std=init_std,
+            halting_logit_scale=opts.halting_logit_scale,
+        )
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.proj.weight, std=self.init_std)
@@ -318,7 +279,7 @@ class AdaptiveHalting(nn.Module):
     # ------------------------------------------------------------------ high-level API
     def forward(
         self,
-        step_fn: Callable[[torch.Tensor, int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        step_fn: StepFn,
         x: torch.Tensor,
         padding_mask: torch.Tensor | None = None,
         *,
@@ -329,32 +290,14 @@ class AdaptiveHalting(nn.Module):
         :param step_fn: ``(x, step, running) -> (halting_input, new_x)``; ``step`` counts from 0,
             ``running`` ``[B, T]`` marks the positions that take this step (the function may
             skip work for the others; their entries of ``new_x`` are ignored under "freeze").
+            It may also return a :class:`~xvariants.layers.halting.loop.SparseStep`.
         :param x: initial states ``[B, T, D]``.
         :param padding_mask: ``[B, T]`` True at padding.
         :param step_hooks: optional per-step modules with ``hook_halting_prob`` / ``hook_active``
-            hook points (``step_hooks[n]`` fires at step ``n``).
+            (and optionally ``hook_resid_post``) hook points (``step_hooks[n]`` fires at step ``n``).
         """
-        hs = self.start(x, padding_mask)
-        for n in range(self.max_steps):
-            running = hs.running
-            if not bool(running.any()):
-                break
-            hooks = step_hooks[n] if step_hooks is not None else None
-            running = self.hook_active(running)
-            if hooks is not None:
-                running = hooks.hook_active(running)
-            s, new = step_fn(x, n, running)
-            p = self.hook_halting_prob(self.halting_prob(s))
-            if hooks is not None:
-                p = hooks.hook_halting_prob(p)
-            self.update(hs, p, new)
-            if self.halted_update == "freeze" and not bool(running.all()):
-                x = torch.where(running.unsqueeze(-1), new, x)
-            else:
-                x = new
-        if self.training:
-            self.tick()
-        return self.result(hs, x)
+        _, res = run_steps(step_fn, x, self.max_steps, halting=self, padding_mask=padding_mask, step_hooks=step_hooks)
+        return res
 
     def result(self, hs: HaltingState, state: torch.Tensor) -> ACTResult:
         """Pack the book-keeping of a finished loop."""
@@ -370,6 +313,20 @@ class AdaptiveHalting(nn.Module):
             step_weights=torch.stack(hs.weights) if hs.weights else empty,
             real=hs.real,
         )
+
+    def report(self, res: ACTResult) -> dict[str, dict[str, torch.Tensor]]:
+        """What a body reports about a finished loop (the fields of its ``AuxOutput``): the
+        weighted ponder cost as a loss, :meth:`statistics`, and the per-position maps
+        ``n_updates``, ``remainders`` ``[B, T]``, ``halting_probs``, ``step_weights``
+        ``[B, T, steps run]`` (all detached)."""
+        maps = {
+            "n_updates": res.n_updates.detach(),
+            "remainders": res.remainders.detach(),
+            "halting_probs": res.halting_probs.detach().permute(1, 2, 0),
+            "step_weights": res.step_weights.detach().permute(1, 2, 0),
+        }
+        losses = {"ponder_cost": self.current_ponder_weight() * res.ponder_cost}
+        return {"losses": losses, "stats": self.statistics(res), "maps": maps}
 
     def statistics(self, res: ACTResult) -> dict[str, torch.Tensor]:
         """Detached scalars for logging: ponder steps mean/max, fraction halting at step 1 and
