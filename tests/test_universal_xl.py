@@ -75,6 +75,29 @@ def test_memory_of_steps_the_segment_did_not_run():
 
 
 @pytest.mark.parametrize("halted_update", ["freeze", "t2t"])
+def test_segments_equal_one_piece_when_a_segment_stops_early(halted_update):
+    """Segment 1 stops after 2 steps (row 0 halts at step 1 and is skipped at step 2), segment 2
+    runs to max_steps: under t2t the halted states of segment 1 keep being transformed in one
+    piece, so its memory must hold them transformed (it held them untransformed: off by 7e-4
+    here, up to 0.21 with trained weights)."""
+    body = make(act=True, halted_update=halted_update, signal_scale=1.0)
+    with torch.no_grad():
+        body.halting.proj.weight.zero_()
+        body.halting.proj.weight[0, 0] = 1.0
+        body.halting.proj.bias.zero_()
+    h = torch.randn(2, 12, D)
+    h[0, :6, 0] = 60.0  # p ~ 1: halt at step 1
+    h[1, :6, 0] = 0.0  # p = 0.5: halt at step 2
+    h[:, 6:, 0] = -60.0  # p ~ 0: run to max_steps
+    full = body(h)
+    a = body(h[:, :6])
+    assert a.aux.stats["act_steps_run"].item() == 2
+    b = body(h[:, 6:], a.state)
+    assert full.aux.maps["n_updates"][:, 6:].min() == body.n_steps
+    assert torch.allclose(torch.cat([a.hidden, b.hidden], 1), full.hidden, atol=1e-5)
+
+
+@pytest.mark.parametrize("halted_update", ["freeze", "t2t"])
 def test_causal_including_halting_and_memory(halted_update):
     body = make(halted_update=halted_update)
     mem = body(torch.randn(2, 5, D)).state

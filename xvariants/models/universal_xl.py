@@ -11,11 +11,16 @@ Composition of :mod:`xvariants.models.universal` (recurrence over depth, step si
   ``[B, M, D]``; entry ``n`` holds what the positions of earlier segments presented to
   attention at step ``n`` (the input of step ``n``). Under ``halted_update="freeze"`` a
   position that halted before step ``n`` presents its frozen state there (plus the step
-  signal of the step after it halted), exactly what it presents to its own segment, so
-  reading a sequence in segments with enough memory equals reading it in one piece;
+  signal of the step after it halted), exactly what it presents to its own segment. Under
+  ``"t2t"`` every position's state is transformed at every step (a halted one too), and
+  entry ``n`` holds that state plus step ``n``'s signal. Either way reading a sequence in
+  segments with enough memory equals reading it in one piece (tested for both);
 * halting is per position within each segment; the loop stops when every position of the
-  segment has halted. Relative attention needs every query of a row (rel-shift), so this
-  body saves work by skipping rows whose positions have all halted, not single positions.
+  segment has halted, and the memory entries of the steps it did not run are completed
+  (under "t2t" by applying the block to the halted states, which costs the full
+  ``max_steps``). Relative attention needs every query of a row (rel-shift), so under
+  "freeze" this body saves work by skipping rows whose positions have all halted, not
+  single positions; under "t2t" every row runs every step it keeps in memory.
 """
 
 from __future__ import annotations
@@ -197,7 +202,9 @@ class UniversalXLBody(SegmentLengths, Body):
                 src = torch.where(book["prev_running"][..., None], z, inputs[-1])
             inputs.append(src)
             mem = None if mems is None else mems[n]
-            rows = None if running is None else running_rows(running)  # skip rows whose positions have all halted
+            # skip rows whose positions have all halted; not under t2t, where a halted state keeps
+            # changing and the memory must hold it for the next segment
+            rows = None if running is None or not freeze else running_rows(running)
             if rows is None:
                 new, w = self._run_block(src, r, mem, allowed, attentions is not None)
             else:
@@ -212,12 +219,20 @@ class UniversalXLBody(SegmentLengths, Body):
         try:
             x, res = run_steps(step_fn, h, self.n_steps, halting=self.halting, padding_mask=padding_mask, step_hooks=self.steps)
             out, aux = (x, AuxOutput()) if res is None else (res.output, AuxOutput(**self.halting.report(res)))
-            # steps the loop did not need: every position has halted; what it would present there
+            # steps the loop did not need (every position has halted): what each position would
+            # present there. Under t2t the states keep being transformed, so that reading a
+            # sequence in segments equals reading it in one piece (where later positions may run).
             for n in range(len(inputs), self.n_steps):
                 z = signal(x, n)
                 prev = book["prev_running"]
-                inputs.append(z if not freeze or prev is None or n == 0 else torch.where(prev[..., None], z, inputs[-1]))
-                book["prev_running"] = torch.zeros_like(prev) if prev is not None else None
+                if freeze:
+                    inputs.append(z if prev is None or n == 0 else torch.where(prev[..., None], z, inputs[-1]))
+                    book["prev_running"] = torch.zeros_like(prev) if prev is not None else None
+                else:
+                    inputs.append(z)
+                    if n + 1 < self.n_steps:
+                        self.current_step = n
+                        x = self._run_block(z, r, None if mems is None else mems[n], allowed, False)[0]
         finally:
             self.current_step = None
         new_state = update_memory(mems, inputs, self.mem_len)
