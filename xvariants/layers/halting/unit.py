@@ -21,6 +21,17 @@ the weights either way): ``"freeze"`` copies it forward unchanged, ``"t2t"`` kee
 transforming it (tensor2tensor), which only matters to the positions that attend to it
 (exact rules: :class:`~xvariants.layers.halting.options.ACTOptions`).
 
+The "t2t" values are not tensor2tensor's ``universal_transformer_act``: with
+``act_weighting="t2t"``, ``halted_update="t2t"``, ``halting_bias_init=1``, ``step_signal=
+learned`` and ``halting_logit_scale=1`` the update rules are t2t's ``basic`` ACT (after the fix
+of t2t#1004), but the forced halt above, the padding rule and ``>=`` (t2t: ``>``) at the
+threshold stay. The forced halt matters only to positions that reach ``max_steps`` below the
+threshold: rare with t2t's +1 bias (p ~ 0.73 halts at step 2), every position at the
+deep-start init (bias -3, p ~ 0.047, 8 steps): t2t gives them R = 0, weights summing to 0.32
+(interpolation; 0.38 accumulated) and a ponder cost ``N = max_steps`` with zero gradient, so
+the ponder cost cannot shorten the computation from there; here they get R = 0.67, weights
+summing to 0.76 (interpolation; 1 for Graves) and d(ponder)/d(bias) = -0.32.
+
 Low-level API: :meth:`AdaptiveHalting.start`, :meth:`halting_prob`, :meth:`update`,
 :meth:`ponder_cost`. High-level API: ``forward(step_fn, x, padding_mask)`` runs the whole loop
 (:func:`~xvariants.layers.halting.loop.run_steps`) around any
