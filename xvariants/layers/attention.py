@@ -19,6 +19,9 @@ from xvariants.layers.hooks import HookPoint
 from xvariants.layers.rotary import RotaryEmbedding
 
 
+Projection = Callable[[torch.Tensor], torch.Tensor]
+
+
 class KVCache:
     """Keys and values of one attention layer for incremental decoding.
 
@@ -120,7 +123,7 @@ class MultiHeadAttention(nn.Module):
 
     # ---- pieces of forward for callers that compute attention for a subset of positions (the
     # universal body's sparse ACT steps); no hook points fire and rotary positions are not applied
-    def split_projections(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+    def split_projections(self) -> tuple[Projection, Projection]:
         """``(project_q, project_kv)``: the query projection ``[..., D] -> [..., D]`` and the fused
         key/value projection ``[..., D] -> [..., 2 D]`` (keys first), heads side by side, for
         callers that project different positions for queries and for keys. Get them once per

@@ -17,7 +17,9 @@ def default_signal_scale(init_std: float, d_model: int) -> float:
     return init_std * (2.0 * d_model) ** 0.5
 
 
-def step_signal_table(kind: str, n_steps: int, d_model: int, learned: torch.Tensor | None, device, dtype) -> torch.Tensor | None:
+def step_signal_table(
+    kind: str, n_steps: int, d_model: int, learned: torch.Tensor | None, device, dtype
+) -> torch.Tensor | None:
     """Unscaled step ("depth") signals ``[n_steps, D]``: sinusoids of the step index, the
     ``learned`` table, or None for ``kind="none"``."""
     if kind == "none":

@@ -34,10 +34,10 @@ from xvariants.layers.halting import AdaptiveHalting, resolve_step_options, run_
 from xvariants.layers.hooks import HookPoint
 from xvariants.layers.memory import SegmentLengths, init_memory, memory_length, truncate_memory, update_memory, validate_memory
 from xvariants.layers.relative_attention import relative_positions, xl_attention_mask
-from xvariants.models.contract import AuxOutput, Body, BodyOutput, State
-from xvariants.models.registry import register_body
 from xvariants.layers.steps import SIGNALS as STEP_SIGNALS
 from xvariants.layers.steps import StepHooks, StepSignal, default_signal_scale, step_signal_table
+from xvariants.models.contract import AuxOutput, Body, BodyOutput, State
+from xvariants.models.registry import register_body
 from xvariants.models.xl import XLLayer, init_transformer_xl
 
 
@@ -209,7 +209,8 @@ class UniversalXLBody(SegmentLengths, Body):
                 new, w = self._run_block(src, r, mem, allowed, attentions is not None)
             else:
                 sub_allowed = allowed if allowed.size(0) == 1 else allowed[rows]
-                out, w = self._run_block(src[rows], r, None if mem is None else mem[rows], sub_allowed, attentions is not None)
+                sub_mem = None if mem is None else mem[rows]
+                out, w = self._run_block(src[rows], r, sub_mem, sub_allowed, attentions is not None)
                 new = x.index_copy(0, rows, out)
             if attentions is not None:
                 attentions.append(w)
@@ -217,7 +218,9 @@ class UniversalXLBody(SegmentLengths, Body):
             return z, new
 
         try:
-            x, res = run_steps(step_fn, h, self.n_steps, halting=self.halting, padding_mask=padding_mask, step_hooks=self.steps)
+            x, res = run_steps(
+                step_fn, h, self.n_steps, halting=self.halting, padding_mask=padding_mask, step_hooks=self.steps
+            )
             out, aux = (x, AuxOutput()) if res is None else (res.output, AuxOutput(**self.halting.report(res)))
             # steps the loop did not need (every position has halted): what each position would
             # present there. Under t2t the states keep being transformed, so that reading a

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from xvariants.layers.attention import DecodingCache, KVCache
-from xvariants.layers.halting.loop import SparseStep
+from xvariants.layers.halting.loop import SparseStep, StepResult
 from xvariants.layers.steps import StepSignal
 
 
@@ -29,7 +29,10 @@ class StepKV:
     ``v`` keep only this call's positions."""
 
     def __init__(
-        self, frozen: tuple[torch.Tensor, torch.Tensor] | None, refresh: torch.Tensor | None, past: KVCache | None = None
+        self,
+        frozen: tuple[torch.Tensor, torch.Tensor] | None,
+        refresh: torch.Tensor | None,
+        past: KVCache | None = None,
     ):
         self.frozen, self.refresh, self.past = frozen, refresh, past
         self.k = self.v = None
@@ -60,18 +63,22 @@ class SparseFreezeStep:
     :param x: the initial states ``[B, T, D]`` (shape, dtype and device of the buffers).
     """
 
-    def __init__(self, block: nn.Module, signal: StepSignal, padding_mask: torch.Tensor | None, causal: bool, x: torch.Tensor):
+    def __init__(
+        self, block: nn.Module, signal: StepSignal, padding_mask: torch.Tensor | None, causal: bool, x: torch.Tensor
+    ):
         B, T, D = x.shape
         self.block, self.signal, self.padding_mask, self.causal = block, signal, padding_mask, causal
         self.kvbuf = x.new_zeros(B, T, 2 * D)  # keys | values of every position, as last computed
-        self.dense_kv = None  # keys/values of the last all-running step, merged into kvbuf only if a sparse step follows
+        # keys/values of the last all-running step, merged into kvbuf only if a sparse step follows
+        self.dense_kv = None
         # positions whose keys/values are due: every real one at the first step
-        self.refresh = torch.ones(B, T, dtype=torch.bool, device=x.device) if padding_mask is None else ~padding_mask.bool()
+        real = torch.ones(B, T, dtype=torch.bool, device=x.device) if padding_mask is None else ~padding_mask.bool()
+        self.refresh = real
         self.kpos = torch.arange(T, device=x.device)[None, None, :]
         self.project_q, self.project_kv = block.attn.split_projections()
         self.owned: torch.Tensor | None = None  # the states of the last sparse step, ours to update in place
 
-    def __call__(self, x: torch.Tensor, n: int, running: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | SparseStep:
+    def __call__(self, x: torch.Tensor, n: int, running: torch.Tensor) -> StepResult:
         blk, sig = self.block, self.signal
         attn = blk.attn
         if bool(running.all()):  # nothing halted yet: one plain block call, keys/values captured

@@ -76,7 +76,8 @@ class ACTOptions:
 
     def __post_init__(self) -> None:
         require(self.act_compute in ACT_COMPUTE, "act_compute", f"unknown mode {self.act_compute!r}", ACT_COMPUTE)
-        require(_is_int(self.max_steps) and self.max_steps >= 1, "max_steps", f"must be an integer >= 1, got {self.max_steps!r}")
+        m = self.max_steps
+        require(_is_int(m) and m >= 1, "max_steps", f"must be an integer >= 1, got {m!r}")
         eps = self.act_epsilon
         require(_is_finite(eps) and 0.0 < eps < 1.0, "act_epsilon", f"must lie strictly between 0 and 1, got {eps!r}")
         pw = self.ponder_weight
@@ -110,7 +111,8 @@ def resolve_step_options(act: bool, num_steps: int | None, **act_opts) -> tuple[
             if value is not None:
                 raise ConfigError(
                     name,
-                    f"is an ACT option and needs act=true (fixed-step mode counts steps with num_steps; got {name}={value!r})",
+                    "is an ACT option and needs act=true "
+                    f"(fixed-step mode counts steps with num_steps; got {name}={value!r})",
                 )
         num_steps = DEFAULT_NUM_STEPS if num_steps is None else num_steps
         require(_is_int(num_steps) and num_steps >= 1, "num_steps", f"must be an integer >= 1, got {num_steps!r}")
