@@ -22,7 +22,7 @@ from xvariants.interpret import hook_names, run_with_cache, run_with_hooks
 from xvariants.interpret.hooks import step_prefix
 from xvariants.layers.hooks import HookPoint
 from xvariants.models import BODIES, build_body, build_language_model, register_body
-from xvariants.models.contract import AuxOutput, Body, BodyOutput
+from xvariants.models.contract import AuxOutput, Body, BodyOutput, map_state
 from xvariants.models.registry import body_arguments
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -110,7 +110,12 @@ _ACT = {"act": True, "max_steps": 5, "halting_bias_init": -0.5, "init_std": 0.3}
 #: modes of a body that the contract must hold in separately (default: the body's defaults)
 VARIANTS = {
     "vanilla": {"decoder": {}, "encoder": {"causal": False}},
-    "universal": {"fixed": {"act": False, "num_steps": 3}, "act": _ACT, "act-encoder": {**_ACT, "causal": False}},
+    "universal": {
+        "fixed": {"act": False, "num_steps": 3},
+        "act": _ACT,
+        "act-dense": {**_ACT, "act_compute": "dense"},
+        "act-encoder": {**_ACT, "causal": False},
+    },
     "universal_xl": {"fixed": {"act": False, "num_steps": 3}, "act": _ACT},
 }
 
@@ -178,24 +183,18 @@ def hidden(d_model: int, length: int = T, batch: int = B, seed: int = 1) -> torc
     return torch.randn(batch, length, d_model, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def previous_state(body: Body, batch: int = B):
+@torch.no_grad()
+def previous_state(body: Body):
     """A state from an earlier segment for stateful bodies (None for the others), so the checks
     run with memory as well as without."""
-    if not body.stateful:
-        return None
-    with torch.no_grad():
-        return body(hidden(body.d_model, 5, batch, seed=7)).state
+    return body(hidden(body.d_model, 5, seed=7)).state if body.stateful else None
 
 
 def tensors(state) -> list[torch.Tensor]:
     """The tensors of a state nest, in order."""
-    if state is None:
-        return []
-    if isinstance(state, torch.Tensor):
-        return [state]
-    if isinstance(state, dict):
-        return [t for k in sorted(state) for t in tensors(state[k])]
-    return [t for s in state for t in tensors(s)]
+    found: list[torch.Tensor] = []
+    map_state(state, found.append)
+    return found
 
 
 def assert_same_state(a, b) -> None:
