@@ -59,3 +59,14 @@ def tiny_text(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("corpus") / "tiny.txt"
     p.write_text(textwrap.dedent(inspect.getsource(_json)) * 6)
     return p
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: thread hand-offs cost more than the math, and CI cores are shared."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -29,13 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 V = 13
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: thread hand-offs cost more than the math (and CI cores are shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(body: str = "vanilla", **kw):

@@ -17,13 +17,7 @@ from xvariants.layers.relative_attention import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one thread is fastest and immune to CPU oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _shift_by_gather(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

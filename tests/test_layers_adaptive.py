@@ -14,13 +14,7 @@ from xvariants.models import LanguageModel, build_language_model
 from xvariants.models.xl import XLBody
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one thread is fastest and immune to CPU oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 V, D = 30, 16
