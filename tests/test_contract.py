@@ -154,9 +154,6 @@ KNOWN_VIOLATIONS = {
     ("test_attention_maps_on_request", "universal_xl-act"): (
         "when whole rows have halted, the step's attention map holds only the rows still running ([B_running, H, T, S])"
     ),
-    ("test_cached_decoding_equals_full_forward", "vanilla-encoder"): (
-        "a bidirectional vanilla body still offers a decoding cache (new_cache() should be None, as for universal)"
-    ),
 }
 
 

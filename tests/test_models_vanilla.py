@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from xvariants.config_errors import ConfigError
-from xvariants.models import SequenceClassifier, VanillaBody, build_language_model, sample_next
+from xvariants.models import SequenceClassifier, VanillaBody, build_body, build_language_model, sample_next
 
 V = 37
 
@@ -228,3 +228,10 @@ def test_rotary_model_has_no_length_limit_and_sees_order():
     swapped = x.clone()
     swapped[0, [3, 4]] = x[0, [4, 3]]
     assert (model(x).logits[0, 10] - model(swapped).logits[0, 10]).abs().max() > 1e-4  # order matters
+
+
+def test_bidirectional_body_offers_no_decoding_cache():
+    enc = build_body("vanilla", d_model=16, n_layers=1, n_heads=2, causal=False)
+    assert enc.new_cache() is None
+    with pytest.raises(ValueError, match="no decoding cache"):
+        enc(torch.randn(1, 3, 16), cache=build_body("vanilla", d_model=16, n_layers=1, n_heads=2).new_cache())

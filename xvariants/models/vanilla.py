@@ -95,6 +95,8 @@ class VanillaBody(Body):
     ) -> BodyOutput:
         if state is not None:
             raise ValueError("the vanilla body is stateless: pass state=None (use the xl body for segment memory)")
+        if cache is not None and not self.causal:
+            raise ValueError("a bidirectional vanilla body has no decoding cache: pass cache=None")
         attentions = [] if return_attention else None
         for i, block in enumerate(self.blocks):
             h, w = block(
@@ -108,5 +110,6 @@ class VanillaBody(Body):
                 attentions.append(w)
         return BodyOutput(self.ln_f(h), None, AuxOutput(attentions=attentions))
 
-    def new_cache(self) -> DecodingCache:
-        return DecodingCache(len(self.blocks))
+    def new_cache(self) -> DecodingCache | None:
+        # a bidirectional body's earlier positions change with every new token: nothing to cache
+        return DecodingCache(len(self.blocks)) if self.causal else None
