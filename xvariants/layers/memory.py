@@ -139,10 +139,6 @@ def check_eval_segment(tgt_len: int, stream_len: int, *, field: str = "eval.seq_
     )
 
 
-def _param_key(module: nn.Module) -> tuple:
-    return tuple((p.data_ptr(), p._version) for p in module.parameters())
-
-
 @dataclass
 class Segment:
     """One segment set up against the memory by :meth:`SegmentMemory.begin`.
@@ -153,6 +149,7 @@ class Segment:
     :param r: relative positions ``[M + T, D]`` (before the body's dropout).
     :param kv: per-layer memory key/value stores (evaluation only), or None.
     :param reuse_kv: ``kv`` hold the keys/values of ``mems`` under the current weights.
+    :param owner: the module whose weights the keys/values are computed with.
     """
 
     mems: list[torch.Tensor] | None
@@ -328,23 +325,30 @@ class SegmentMemory:
         """The new memory from the segment's per-entry inputs (``n_tensors`` tensors ``[B, T, D]``)."""
         new_state = update_memory(segment.mems, inputs, self.mem_len)
         if segment.kv is not None:
-            self._kv.remember(new_state[: self.kv_layers], _param_key(segment.owner))
+            self._kv.remember(new_state[: self.kv_layers], segment.owner)
         return new_state
+
+    @property
+    def kv_cache(self) -> MemoryKVCache | None:
+        """The cached memory keys/values, None while none is kept."""
+        return self._kv
 
     def clear_kv(self) -> None:
         """Drop the cached memory keys/values (rebuilt from the memory on the next call)."""
         self._kv = None
 
-    def _reusable(self, owner: nn.Module | None) -> bool:
-        if not self.reuse or torch.is_grad_enabled():
-            return False
-        if owner is not None and self._hook_points is None:
+    def _caching(self) -> bool:
+        return self.reuse and not torch.is_grad_enabled()
+
+    def _hooked(self, owner: nn.Module) -> bool:
+        """Whether a hook listens anywhere in ``owner`` (it may edit keys: recompute everything)."""
+        if self._hook_points is None:
             self._hook_points = [m for m in owner.modules() if isinstance(m, HookPoint)]
-        return owner is None or not any(h.has_hooks() for h in self._hook_points)
+        return any(h.has_hooks() for h in self._hook_points)
 
     def _kv_stores(self, state, mems, batch_size: int, owner: nn.Module | None) -> tuple[list[MemoryKV] | None, bool]:
         """(per-layer key/value stores, whether they hold the keys/values of ``mems``)."""
-        if owner is None or self.kv_layers == 0 or self.mem_len == 0 or not self._reusable(owner):
+        if owner is None or self.kv_layers == 0 or self.mem_len == 0 or not self._caching() or self._hooked(owner):
             self._kv = None
             return None, False
         if self._kv is None:
@@ -353,12 +357,12 @@ class SegmentMemory:
         if mems is None or state is None:
             return self._kv.layers, False
         entries = list(state)[: self.kv_layers]
-        return self._kv.layers, self._kv.holds(entries, memory_length(mems), batch_size, lambda: _param_key(owner))
+        return self._kv.layers, self._kv.holds(entries, memory_length(mems), batch_size, owner)
 
     def _positions(self, S: int, x: torch.Tensor) -> torch.Tensor:
         """R for ``S`` keys; without gradients the same tensor is returned for the same
         (S, clamp_len, dtype, device), so each layer can reuse its ``W_R R``."""
-        if not self._reusable(None):
+        if not self._caching():
             return relative_positions(S, self.d_model, self.clamp_len, device=x.device, dtype=x.dtype)
         key = (S, self.clamp_len, x.dtype, x.device)
         c = self._r

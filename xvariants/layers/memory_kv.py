@@ -9,9 +9,9 @@ original code does. :class:`MemoryKV` is one layer's buffer (used by
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
 
 import torch
+from torch import nn
 
 
 class MemoryKV:
@@ -76,9 +76,9 @@ class MemoryKV:
 
 class MemoryKVCache:
     """One :class:`MemoryKV` per layer and what their keys/values were computed from: the
-    memory tensors (weak references and in-place version counters) and the weights (storage and
-    version counter of every parameter). They stand for a memory passed back in only while all
-    of these still match, so a stale cache is never read."""
+    memory tensors (weak references and in-place version counters) and the weights of the
+    owning module (storage and version counter of every parameter). They stand for a memory
+    passed back in only while all of these still match, so a stale cache is never read."""
 
     def __init__(self, n_layers: int):
         self.layers = [MemoryKV() for _ in range(n_layers)]
@@ -86,20 +86,25 @@ class MemoryKVCache:
         self.versions: list[int] = []
         self.params: tuple | None = None
 
-    def holds(self, entries: list[torch.Tensor], m_len: int, batch_size: int, params: Callable[[], tuple]) -> bool:
+    def holds(self, entries: list[torch.Tensor], m_len: int, batch_size: int, owner: nn.Module) -> bool:
         """Whether the stores hold the keys/values of memory ``entries`` (``m_len`` positions
-        used) under the weights whose key ``params()`` returns."""
+        used) under the current weights of ``owner``."""
         return (
             len(self.refs) == len(entries)
             and all(ref() is s and s._version == ver for ref, ver, s in zip(self.refs, self.versions, entries))
-            and self.params == params()
+            and self.params == _parameter_key(owner)
             and all(kv.k is not None and kv.k.size(0) == batch_size and len(kv) >= m_len for kv in self.layers)
         )
 
-    def remember(self, entries: list[torch.Tensor], params: tuple) -> None:
+    def remember(self, entries: list[torch.Tensor], owner: nn.Module) -> None:
         """After a call: the stores now stand for the new memory ``entries``."""
         for kv, s in zip(self.layers, entries):
             kv.keep_last(s.size(1))
         self.refs = [weakref.ref(s) for s in entries]
         self.versions = [s._version for s in entries]
-        self.params = params
+        self.params = _parameter_key(owner)
+
+
+def _parameter_key(module: nn.Module) -> tuple:
+    # optimizer steps and load_state_dict bump a parameter's version (or replace its storage)
+    return tuple((p.data_ptr(), p._version) for p in module.parameters())

@@ -31,7 +31,8 @@ from xvariants.layers.positions import sinusoid_table
 from xvariants.models.contract import AuxOutput, BodyOutput, State
 from xvariants.models.registry import register_body
 from xvariants.models.universal import StepHooks, act_aux, default_signal_scale, resolve_act_options
-from xvariants.models.xl import SegmentMemoryBody, XLLayer, init_transformer_xl
+from xvariants.models.memory_body import SegmentMemoryBody
+from xvariants.models.xl import XLLayer, init_transformer_xl
 
 STEP_SIGNALS = ("sinusoidal", "learned", "none")
 
@@ -169,8 +170,7 @@ class UniversalXLBody(SegmentMemoryBody):
     ) -> BodyOutput:
         if cache is not None:
             raise ValueError("the universal_xl body carries context in its memory (`state`), not in a decoding cache")
-        with config_scope("model."):
-            seg = self.memory.begin(state, h, padding_mask)
+        seg = self.begin_segment(state, h, padding_mask)
         mems, allowed = seg.mems, seg.allowed
         r = self.hook_pos(self.drop(seg.r))
         steps = self._step_signals(h.device, h.dtype)

@@ -20,8 +20,6 @@ there is no final LayerNorm unless ``final_norm=True``.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
@@ -31,7 +29,8 @@ from xvariants.layers.block import TransformerBlock
 from xvariants.layers.hooks import HookPoint
 from xvariants.layers.memory import SegmentMemory
 from xvariants.layers.relative_attention import RelativeMultiHeadAttention
-from xvariants.models.contract import AuxOutput, Body, BodyOutput, State
+from xvariants.models.contract import AuxOutput, BodyOutput, State
+from xvariants.models.memory_body import SegmentMemoryBody
 from xvariants.models.registry import register_body
 
 
@@ -87,70 +86,6 @@ class XLLayer(TransformerBlock):
         # parameters() follows it, and with it the init draws and optimizer states in checkpoints
         for name in ("ln1", "mlp", "ln2", "drop", *(k for k in self._modules if k.startswith("hook_"))):
             self._modules[name] = self._modules.pop(name)
-
-
-def _length(name: str, doc: str) -> property:
-    def get(self):
-        return getattr(self.memory, name)
-
-    def set(self, value):
-        with config_scope("model."):
-            setattr(self.memory, name, value)
-
-    return property(get, set, doc=doc)
-
-
-class SegmentMemoryBody(Body):
-    """A body whose context is a :class:`~xvariants.layers.memory.SegmentMemory`
-    (``self.memory``): its lengths, changeable after construction, with errors named by
-    their config field (``model.mem_len``), and its evaluation caches."""
-
-    stateful = True
-    memory: SegmentMemory
-
-    mem_len = _length("mem_len", "positions kept in memory (0 = none)")
-    clamp_len = _length("clamp_len", "relative distances above it use R[clamp_len]; -1 = off")
-    same_length = _length("same_length", "every query attends to mem_len keys")
-
-    def set_eval_lengths(
-        self, mem_len: int | None = None, clamp_len: int | None = None, same_length: bool | None = None
-    ) -> None:
-        """Change memory length, clamp length and/or ``same_length`` (None = keep); on a bad
-        value nothing changes."""
-        with config_scope("model."):
-            self.memory.set_lengths(mem_len, clamp_len, same_length)
-
-    @contextlib.contextmanager
-    def lengths(self, mem_len: int | None = None, clamp_len: int | None = None, same_length: bool | None = None):
-        """``with body.lengths(mem_len=2100, clamp_len=820): ...`` restores the old lengths on exit."""
-        with contextlib.ExitStack() as restore:
-            with config_scope("model."):
-                restore.enter_context(self.memory.lengths(mem_len, clamp_len, same_length))
-            yield self
-
-    @property
-    def memory_kv_cache(self) -> bool:
-        """Without gradients keep the memory's keys/values (and ``W_R R``) between calls;
-        False = the original's cost (see :class:`~xvariants.layers.memory.SegmentMemory`)."""
-        return self.memory.reuse
-
-    @memory_kv_cache.setter
-    def memory_kv_cache(self, value: bool) -> None:
-        self.memory.reuse = bool(value)
-
-    @property
-    def _kv_cache(self):
-        return self.memory._kv
-
-    def clear_memory_kv(self) -> None:
-        """Drop the cached memory keys/values (they are rebuilt from the memory on the next
-        call). Only needed after editing weights through ``.data``, which PyTorch's version
-        counters cannot see; optimizer steps and ``load_state_dict`` are detected."""
-        self.memory.clear_kv()
-
-    def init_state(self, batch_size: int, device: torch.device) -> list[torch.Tensor]:
-        """Empty memories: one ``[batch_size, 0, d_model]`` tensor per memory entry."""
-        return self.memory.init_state(batch_size, device, next(self.parameters()).dtype)
 
 
 @register_body("xl")
@@ -265,8 +200,7 @@ class XLBody(SegmentMemoryBody):
             raise ValueError("the xl body carries context in its memory (`state`), not in a decoding cache: pass cache=None")
         if h.dim() != 3 or h.size(-1) != self.d_model:
             raise ValueError(f"xl body expects hidden states [B, T, {self.d_model}], got {tuple(h.shape)}")
-        with config_scope("model."):
-            seg = self.memory.begin(state, h, padding_mask, kv_owner=self)
+        seg = self.begin_segment(state, h, padding_mask, kv_owner=self)
         r = self.hook_pos(self.drop(seg.r))
         attentions = [] if return_attention else None
         hids = [h]
