@@ -14,7 +14,7 @@ carried across any number of training steps, saved in a checkpoint
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -139,7 +139,7 @@ def check_eval_segment(tgt_len: int, stream_len: int, *, field: str = "eval.seq_
     )
 
 
-@dataclass
+@dataclass(eq=False)
 class Segment:
     """One segment set up against the memory by :meth:`SegmentMemory.begin`.
 
@@ -157,7 +157,7 @@ class Segment:
     r: torch.Tensor
     kv: list[MemoryKV] | None = None
     reuse_kv: bool = False
-    owner: nn.Module | None = None
+    owner: nn.Module | None = field(default=None, repr=False)
 
     def attention_args(self, i: int) -> dict:
         """The memory keyword arguments of layer ``i``'s relative attention."""
