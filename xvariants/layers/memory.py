@@ -311,10 +311,13 @@ class SegmentMemory:
         if mems is not None:
             mems = [m.to(device=x.device, dtype=x.dtype) for m in mems]
         M = memory_length(mems)
-        allowed = xl_attention_mask(T, M, same_length=self.same_length, mem_len=self.mem_len, device=x.device)[None, None]
+        allowed = xl_attention_mask(T, M, same_length=self.same_length, mem_len=self.mem_len, device=x.device)
+        allowed = allowed[None, None]
         if padding_mask is not None:
             if padding_mask.shape != (B, T):
-                raise ValueError(f"padding_mask must be [B, T] = {(B, T)} (the segment), got {tuple(padding_mask.shape)}")
+                raise ValueError(
+                    f"padding_mask must be [B, T] = {(B, T)} (the segment), got {tuple(padding_mask.shape)}"
+                )
             pad = torch.cat([padding_mask.new_zeros(B, M), padding_mask], dim=1).bool()
             self_key = torch.arange(M + T, device=x.device)[None, :] == (torch.arange(T, device=x.device)[:, None] + M)
             allowed = (allowed & ~pad[:, None, None, :]) | self_key
