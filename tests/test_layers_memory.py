@@ -248,7 +248,7 @@ def _segments(lm, tokens, seg, state=None):
 
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post_ln", "pre_ln"])
 def test_memory_kv_reuse_is_exact_and_used(norm_first, monkeypatch):
-    from xvariants.layers import relative_attention as ra
+    from xvariants.layers import memory_kv as ra
 
     lm = make_lm(dtype=torch.float64, mem_len=7, norm_first=norm_first)
     tokens = torch.randint(0, V, (2, 30))

@@ -32,7 +32,7 @@ from xvariants.layers.positions import build_positions
 IGNORE_INDEX = -100
 
 
-def check_cutoffs(cutoffs: Sequence[int], vocab_size: int, field: str = "model.adaptive_cutoffs") -> list[int]:
+def check_cutoffs(cutoffs: Sequence[int], vocab_size: int, field: str = "cutoffs") -> list[int]:
     """Cutoffs must be strictly increasing ints in ``(0, vocab_size)``."""
     cutoffs = list(cutoffs)
     ok = all(isinstance(c, int) and not isinstance(c, bool) for c in cutoffs)
@@ -42,10 +42,10 @@ def check_cutoffs(cutoffs: Sequence[int], vocab_size: int, field: str = "model.a
 
 
 def _check_div_val(div_val: int, d_embed: int, n_clusters: int) -> None:
-    require(isinstance(div_val, int) and div_val >= 1, "model.div_val", f"must be an integer >= 1, got {div_val!r}")
+    require(isinstance(div_val, int) and div_val >= 1, "div_val", f"must be an integer >= 1, got {div_val!r}")
     if div_val > 1:
         smallest = d_embed // div_val ** (n_clusters - 1)
-        require(smallest >= 1, "model.div_val", f"d_embed={d_embed} // div_val**{n_clusters - 1} leaves width 0 for the last cluster")
+        require(smallest >= 1, "div_val", f"d_embed={d_embed} // div_val**{n_clusters - 1} leaves width 0 for the last cluster")
 
 
 def cluster_layout(
@@ -231,7 +231,7 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
                 layer.weight = embedding.emb_layers[i].weight
         flags = [bool(tie_projs)] * len(self.cutoffs) if isinstance(tie_projs, bool) else [bool(t) for t in tie_projs]
         if len(flags) != len(self.cutoffs):
-            raise ConfigError("model.tie_projs", f"needs one flag per cluster ({len(self.cutoffs)}), got {len(flags)}")
+            raise ConfigError("tie_projs", f"needs one flag per cluster ({len(self.cutoffs)}), got {len(flags)}")
         for i, tie in enumerate(flags):
             if not tie:
                 continue
@@ -365,7 +365,7 @@ def build_adaptive_from_config(
             or adaptive.get("d_embed") not in (None, body.d_model)
             or (any(tie_projs) if isinstance(tie_projs, (list, tuple)) else bool(tie_projs))
         )
-        require(not asks, "model.adaptive_cutoffs", "div_val / d_embed / tie_projs need adaptive_cutoffs (a list; [] = one cluster)")
+        require(not asks, "adaptive_cutoffs", "div_val / d_embed / tie_projs need adaptive_cutoffs (a list; [] = one cluster)")
         return None, None
     positions = lm_kwargs.get("positions")
     if positions is None:
@@ -376,7 +376,7 @@ def build_adaptive_from_config(
     return build_adaptive(
         vocab_size,
         body.d_model,
-        cutoffs=list(adaptive["adaptive_cutoffs"]),
+        cutoffs=check_cutoffs(adaptive["adaptive_cutoffs"], vocab_size, field="adaptive_cutoffs"),
         div_val=adaptive.get("div_val") or 1,
         d_embed=adaptive.get("d_embed"),
         tie_weights=lm_kwargs.get("tie_embeddings", True),

@@ -28,7 +28,7 @@ class FeedForward(nn.Module):
         if activation not in ACTIVATIONS:
             from xvariants.config_errors import ConfigError
 
-            raise ConfigError("model.activation", f"unknown activation {activation!r}", ACTIVATIONS)
+            raise ConfigError("activation", f"unknown activation {activation!r}", ACTIVATIONS)
         self.fc1 = nn.Linear(d_model, d_ff, bias=bias)
         self.act = ACTIVATIONS[activation]()
         self.drop = nn.Dropout(dropout)

@@ -64,4 +64,4 @@ def build_positions(kind: str, d_model: int, max_len: int) -> nn.Module | None:
         return None
     from xvariants.config_errors import ConfigError
 
-    raise ConfigError("model.positions", f"unknown kind {kind!r}", ["learned", "sinusoidal", "none"])
+    raise ConfigError("positions", f"unknown kind {kind!r}", ["learned", "sinusoidal", "none"])

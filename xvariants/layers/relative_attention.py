@@ -20,13 +20,15 @@ kernel when no gradient flows into the mask, i.e. in evaluation; its math path i
 The content scores and probabilities are materialised only when asked for
 (``need_weights``) or when a hook listens on ``hook_content_score`` or ``hook_pattern``.
 Without gradients, ``W_R R`` is reused across calls for the same ``R`` and weights, and
-:class:`MemoryKV` keeps the memory's keys/values so each segment projects only itself.
+:class:`~xvariants.layers.memory_kv.MemoryKV` keeps the memory's keys/values so each segment
+projects only itself.
 """
 
 from __future__ import annotations
 
 import math
 import weakref
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,9 @@ from torch import nn
 
 from xvariants.layers.hooks import HookPoint
 from xvariants.layers.positions import sinusoid_table
+
+if TYPE_CHECKING:
+    from xvariants.layers.memory_kv import MemoryKV
 
 
 def rel_shift(x: torch.Tensor) -> torch.Tensor:
@@ -101,66 +106,6 @@ def xl_attention_mask(
     return ~masked
 
 
-class MemoryKV:
-    """Keys and values ``[B, H, S, Dh]`` of one layer's memory, kept between calls (no
-    gradients) so a segment projects only its own positions, not the whole memory again.
-
-    The buffer has spare room after the used positions: appending a segment writes only the
-    new positions, and the most recent ones are moved to the front only when the room runs
-    out (every few segments), instead of concatenating the whole memory every call.
-    """
-
-    def __init__(self, spare_segments: int = 8):
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-        self.start = self.end = 0
-        self.spare_segments = spare_segments
-
-    def __len__(self) -> int:
-        return self.end - self.start
-
-    def _alloc(self, like: torch.Tensor, capacity: int) -> None:
-        B, H, _, Dh = like.shape
-        self.k = like.new_empty(B, H, capacity, Dh)
-        self.v = like.new_empty(B, H, capacity, Dh)
-
-    def reset(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Forget everything; keep ``k``, ``v`` (all their positions)."""
-        S = k.size(2)
-        capacity = S + self.spare_segments * max(1, S // 8)
-        if self.k is None or self.k.shape[:2] != k.shape[:2] or self.k.size(2) < capacity or self.k.dtype != k.dtype \
-                or self.k.device != k.device or self.k.size(3) != k.size(3):
-            self._alloc(k, capacity)
-        self.k[:, :, :S].copy_(k)
-        self.v[:, :, :S].copy_(v)
-        self.start, self.end = 0, S
-
-    def append(self, m: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys/values of the last ``m`` kept positions followed by ``k_new``/``v_new``
-        (views into the buffer)."""
-        if self.k is None or m > len(self) or self.k.shape[:2] != k_new.shape[:2]:
-            raise ValueError(f"memory keys/values hold {len(self)} positions, {m} requested")
-        T = k_new.size(2)
-        capacity = self.k.size(2)
-        if self.end + T > capacity:
-            need = m + T + self.spare_segments * T
-            old_k, old_v = self.k[:, :, self.end - m : self.end], self.v[:, :, self.end - m : self.end]
-            if need > capacity or self.end - m < m:  # grow, or the move would overlap itself
-                self._alloc(k_new, max(need, capacity))
-            self.k[:, :, :m].copy_(old_k)
-            self.v[:, :, :m].copy_(old_v)
-            self.end = m
-        self.start = self.end - m
-        self.k[:, :, self.end : self.end + T].copy_(k_new)
-        self.v[:, :, self.end : self.end + T].copy_(v_new)
-        self.end += T
-        return self.k[:, :, self.start : self.end], self.v[:, :, self.start : self.end]
-
-    def keep_last(self, n: int) -> None:
-        """Only the last ``n`` positions stay valid (the new memory)."""
-        self.start = self.end - min(n, len(self))
-
-
 class RelativeMultiHeadAttention(nn.Module):
     """Transformer-XL relative multi-head attention (``RelPartialLearnableMultiHeadAttn``).
 
@@ -205,7 +150,7 @@ class RelativeMultiHeadAttention(nn.Module):
                 from xvariants.config_errors import ConfigError
 
                 raise ConfigError(
-                    "model.n_heads", f"d_model={d_model} is not divisible by n_heads={n_heads}; set d_head", "divisors of d_model"
+                    "n_heads", f"d_model={d_model} is not divisible by n_heads={n_heads}; set d_head", "divisors of d_model"
                 )
             d_head = d_model // n_heads
         self.d_model, self.n_heads, self.d_head = d_model, n_heads, d_head

@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from xvariants.config_errors import ConfigError, require
+from xvariants.config_errors import ConfigError, config_scope, require
 from xvariants.models.lm import LanguageModel
 from xvariants.models.registry import BODIES, build_body
 
@@ -44,7 +44,9 @@ def build_language_model(config: dict[str, Any], vocab_size: int) -> LanguageMod
     if adaptive:
         from xvariants.layers.adaptive import build_adaptive_from_config
 
-        embedding, head = build_adaptive_from_config(adaptive, lm_kwargs, body, vocab_size, body_kwargs.get("init_std", 0.02))
+        init_std = body_kwargs.get("init_std", 0.02)
+        with config_scope("model."):
+            embedding, head = build_adaptive_from_config(adaptive, lm_kwargs, body, vocab_size, init_std)
         if embedding is not None:
             return LanguageModel(body, vocab_size, embedding=embedding, head=head, **lm_kwargs)
     return LanguageModel(body, vocab_size, **lm_kwargs)

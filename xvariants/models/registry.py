@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 
-from xvariants.config_errors import ConfigError
+from xvariants.config_errors import ConfigError, config_scope
 
 BODIES: dict[str, type] = {}
 
@@ -35,7 +35,8 @@ def body_arguments(name: str) -> dict[str, inspect.Parameter]:
 
 
 def build_body(name: str, **kwargs):
-    """Build body ``name``; unknown or missing arguments fail with the field name."""
+    """Build body ``name``; unknown or missing arguments fail with the field name, and so do
+    the errors its layers raise (they name their own argument: ``model.`` is added here)."""
     params = body_arguments(name)
     unknown = sorted(set(kwargs) - set(params))
     if unknown:
@@ -43,4 +44,5 @@ def build_body(name: str, **kwargs):
     missing = [k for k, p in params.items() if p.default is p.empty and k not in kwargs]
     if missing:
         raise ConfigError(f"model.{missing[0]}", f"required by the {name!r} body but not set")
-    return BODIES[name](**kwargs)
+    with config_scope("model."):
+        return BODIES[name](**kwargs)

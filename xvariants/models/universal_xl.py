@@ -32,17 +32,17 @@ from torch import nn
 from xvariants.config_errors import ConfigError, config_scope, require
 from xvariants.layers.halting import AdaptiveHalting, resolve_step_options, run_steps, running_rows
 from xvariants.layers.hooks import HookPoint
-from xvariants.layers.memory import SegmentLengths, init_memory, memory_length, truncate_memory, update_memory, validate_memory
-from xvariants.layers.relative_attention import relative_positions, xl_attention_mask
+from xvariants.layers.memory import SegmentMemory
 from xvariants.layers.steps import SIGNALS as STEP_SIGNALS
 from xvariants.layers.steps import StepHooks, StepSignal, default_signal_scale, step_signal_table
-from xvariants.models.contract import AuxOutput, Body, BodyOutput, State
+from xvariants.models.contract import AuxOutput, BodyOutput, State
+from xvariants.models.memory_body import SegmentMemoryBody
 from xvariants.models.registry import register_body
 from xvariants.models.xl import XLLayer, init_transformer_xl
 
 
 @register_body("universal_xl")
-class UniversalXLBody(SegmentLengths, Body):
+class UniversalXLBody(SegmentMemoryBody):
     """One shared :class:`XLLayer` applied ``num_steps`` times or adaptively (ACT), with
     relative attention and segment memory per depth step.
 
@@ -61,9 +61,9 @@ class UniversalXLBody(SegmentLengths, Body):
         multiplier; None = ``init_std * sqrt(2 d)`` as in the universal body.
     """
 
-    stateful = True
     owns_positions = True
 
+    @config_scope("model.")
     def __init__(
         self,
         d_model: int,
@@ -126,7 +126,7 @@ class UniversalXLBody(SegmentLengths, Body):
             )
         self.d_model, self.causal, self.act, self.n_steps = d_model, True, act, n_steps
         self.norm_first, self.step_signal, self.signal_scale = norm_first, step_signal, signal_scale
-        self.set_eval_lengths(mem_len=mem_len, clamp_len=clamp_len, same_length=same_length)
+        self.memory = SegmentMemory(n_steps, d_model, mem_len=mem_len, clamp_len=clamp_len, same_length=same_length)
         self.block = XLLayer(
             d_model,
             n_heads,
@@ -151,11 +151,6 @@ class UniversalXLBody(SegmentLengths, Body):
         if self.halting is not None:
             self.halting.reset_parameters()
 
-    def init_state(self, batch_size: int, device: torch.device) -> list[torch.Tensor]:
-        """Empty memories: one ``[batch_size, 0, d_model]`` tensor per depth step."""
-        dtype = next(self.parameters()).dtype
-        return init_memory(self.n_steps, batch_size, self.d_model, device=device, dtype=dtype)
-
     def extra_repr(self) -> str:
         mode = f"act(max_steps={self.n_steps})" if self.act else f"num_steps={self.n_steps}"
         return f"{mode}, mem_len={self.mem_len}, clamp_len={self.clamp_len}, step_signal={self.step_signal}"
@@ -172,20 +167,9 @@ class UniversalXLBody(SegmentLengths, Body):
     ) -> BodyOutput:
         if cache is not None:
             raise ValueError("the universal_xl body carries context in its memory (`state`), not in a decoding cache")
-        B, T, D = h.shape
-        mems = truncate_memory(validate_memory(state, n_tensors=self.n_steps, batch_size=B, d_model=D), self.mem_len)
-        if mems is not None:
-            mems = [m.to(device=h.device, dtype=h.dtype) for m in mems]
-        M = memory_length(mems)
-        S = M + T
-        allowed = xl_attention_mask(T, M, same_length=self.same_length, mem_len=self.mem_len, device=h.device)[None, None]
-        if padding_mask is not None:
-            if padding_mask.shape != (B, T):
-                raise ValueError(f"padding_mask must be [B, T] = {(B, T)}, got {tuple(padding_mask.shape)}")
-            pad = torch.cat([padding_mask.new_zeros(B, M), padding_mask], dim=1).bool()
-            self_key = torch.arange(S, device=h.device)[None, :] == (torch.arange(T, device=h.device)[:, None] + M)
-            allowed = (allowed & ~pad[:, None, None, :]) | self_key
-        r = self.hook_pos(self.drop(relative_positions(S, D, self.clamp_len, device=h.device, dtype=h.dtype)))
+        seg = self.begin_segment(state, h, padding_mask)
+        mems, allowed = seg.mems, seg.allowed
+        r = self.hook_pos(self.drop(seg.r))
         table = step_signal_table(self.step_signal, self.n_steps, self.d_model, self.step_table, h.device, h.dtype)
         signal = StepSignal(None, None if table is None else table.to(h.dtype), self.signal_scale)
         attentions = [] if return_attention else None
@@ -238,7 +222,7 @@ class UniversalXLBody(SegmentLengths, Body):
                         x = self._run_block(z, r, None if mems is None else mems[n], allowed, False)[0]
         finally:
             self.current_step = None
-        new_state = update_memory(mems, inputs, self.mem_len)
+        new_state = self.memory.update(seg, inputs)
         aux.attentions = attentions
         return BodyOutput(self.drop(self.ln_f(self.hook_act_output(out))), new_state, aux)
 

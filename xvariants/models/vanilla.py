@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from xvariants.config_errors import require
+from xvariants.config_errors import config_scope, require
 from xvariants.layers.attention import DecodingCache
 from xvariants.layers.block import TransformerBlock
 from xvariants.layers.init import init_gpt2
@@ -35,6 +35,7 @@ class VanillaBody(Body):
         channels that is rotated.
     """
 
+    @config_scope("model.")
     def __init__(
         self,
         d_model: int,
