@@ -1,7 +1,7 @@
 """Interpretability layer: canonical hook names, ``run_with_hooks`` / ``run_with_cache``, and
 attention-flow analysis (threshold traces, rollout, max-flow, model comparison, views).
 
-See the README section on interpretability. Heavy pieces (matplotlib views, the Hugging Face adapter) are imported
+See docs/interpretability.md. Heavy pieces (matplotlib views, the Hugging Face adapter) are imported
 on use.
 """
 

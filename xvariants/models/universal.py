@@ -46,7 +46,7 @@ class UniversalBody(Body):
     :param max_steps: ACT: most steps (default 8). :param act_epsilon: ACT: threshold 1 - eps
         (default 0.01). :param ponder_weight: ACT: weight of ``mean(N + R)`` (default 0.01).
     :param ponder_warmup_steps: ACT: linear warm-up of the ponder weight (training forwards).
-    :param halting_bias_init: ACT: initial halting bias (default -3, see the README section on the Universal Transformer).
+    :param halting_bias_init: ACT: initial halting bias (default -3, see docs/universal-transformer.md).
     :param halting_warmup_steps: ACT: training forwards during which the halting unit is not
         trained (every position runs max_steps from the deep start).
     :param halted_update: ACT: ``freeze`` (copy halted states forward; their keys/values frozen

@@ -4,7 +4,7 @@ Per position and step ``n`` the halting unit reads the step input ``s_n`` and em
 ``p_n = sigmoid(w . s_n + b)``. A position halts at the first step ``N`` where the cumulative
 probability reaches the threshold ``1 - epsilon``, or at ``max_steps`` (a *forced* halt).
 At its halting step it gets the remainder ``R = 1 - sum_{n<N} p_n``; every earlier step gets
-``p_n``. So, unlike tensor2tensor (see the README section on the Universal Transformer), by default:
+``p_n``. So, unlike tensor2tensor (see docs/universal-transformer.md), by default:
 
 * the step weights sum to exactly 1 per position and the output is Graves' weighted sum
   ``sum_n w_n h_n`` (``weighting="graves"``; ``"t2t"`` gives tensor2tensor's interpolation
@@ -118,7 +118,7 @@ class AdaptiveHalting(nn.Module):
         no gradient (its probabilities are detached), so with the deep-start bias every position
         runs ``max_steps`` while the block learns; afterwards halting is trained. Without it the
         task loss alone drives the halting to 2-3 steps within a few hundred Adam steps when
-        shallow outputs fit the early loss better (measured: README, Universal Transformer section).
+        shallow outputs fit the early loss better (measured: docs/universal-transformer.md).
     :param init_std: std of the halting unit's weight init.
     :param halting_logit_scale: the logit is ``halting_logit_scale * (w . s) + b``. Adam moves
         every weight by about the learning rate per step, all in a consistent direction, so the
