@@ -150,11 +150,7 @@ CASES = [
 
 
 #: (check, case id) -> what the body does wrong; strict, so the fix makes the entry fail and go
-KNOWN_VIOLATIONS = {
-    ("test_attention_maps_on_request", "universal_xl-act"): (
-        "when whole rows have halted, the step's attention map holds only the rows still running ([B_running, H, T, S])"
-    ),
-}
+KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {}  # none today
 
 
 @pytest.fixture(params=CASES, ids=[c.id for c in CASES])

@@ -187,8 +187,9 @@ class UniversalXLBody(SegmentMemoryBody):
             inputs.append(src)
             mem = None if mems is None else mems[n]
             # skip rows whose positions have all halted; not under t2t, where a halted state keeps
-            # changing and the memory must hold it for the next segment
-            rows = None if running is None or not freeze else running_rows(running)
+            # changing and the memory must hold it for the next segment, and not when attention maps
+            # are asked for, which must cover every row (as the universal body goes dense for them)
+            rows = None if running is None or not freeze or attentions is not None else running_rows(running)
             if rows is None:
                 new, w = self._run_block(src, r, mem, allowed, attentions is not None)
             else:
