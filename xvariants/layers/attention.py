@@ -108,7 +108,7 @@ class MultiHeadAttention(nn.Module):
             from xvariants.config_errors import ConfigError
 
             raise ConfigError(
-                "model.n_heads", f"d_model={d_model} is not divisible by n_heads={n_heads}", "divisors of d_model"
+                "n_heads", f"d_model={d_model} is not divisible by n_heads={n_heads}", "divisors of d_model"
             )
         self.d_model, self.n_heads, self.d_head = d_model, n_heads, d_model // n_heads
         self.dropout = dropout
