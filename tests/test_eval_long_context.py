@@ -23,7 +23,7 @@ from xvariants.evaluation.procedures import (
 )
 from xvariants.evaluation.recl import recl, relative_gain
 from xvariants.models import BODIES, build_language_model
-from xvariants.training.checkpoint import CheckpointError
+from xvariants.loading import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 V = 13

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from xvariants.config_errors import ConfigError, require
+from xvariants.constants import BIT_UNITS
 from xvariants.evaluation.procedures import (
     PROCEDURES,
     EvalResult,
@@ -33,12 +34,9 @@ from xvariants.evaluation.procedures import (
     position_profile,
 )
 from xvariants.evaluation.recl import recl as compute_recl
-from xvariants.training.checkpoint import CheckpointError
+from xvariants.loading import CheckpointError, build_datamodule, instantiate_group, load_model
 
 log = logging.getLogger("xvariants")
-
-#: what the per-token loss in bits is called, per tokenizer unit
-BIT_UNITS = {"byte": "bits per byte", "char": "bits per character"}
 
 DEFAULTS: dict[str, Any] = {
     "attention_lengths": None,
@@ -106,8 +104,6 @@ def _label_from_path(path: str) -> str:
 
 def load_entries(paths: list[str], labels: list[str] | None = None) -> list[Entry]:
     """Rebuild every checkpoint's model (``weights_only`` loads; clear messages otherwise)."""
-    from xvariants.training.run import load_task
-
     require(isinstance(paths, (list, tuple)) and len(paths) >= 1, "compare",
             f"must be a list of checkpoint paths, e.g. compare=[a.ckpt,b.ckpt]; got {paths!r}")
     if labels is not None:
@@ -118,13 +114,11 @@ def load_entries(paths: list[str], labels: list[str] | None = None) -> list[Entr
     for i, path in enumerate(paths):
         path = str(path)
         try:
-            task, _ = load_task(path)
+            model, hp = load_model(path)
         except CheckpointError as e:
             raise CheckpointError(f"compare[{i}]: {e}") from None
-        hp = dict(task.hparams)
         if not hp.get("data"):
             raise CheckpointError(f"compare[{i}]: {path} does not record its data config; cannot rebuild the split")
-        model = task.model
         label = str(labels[i]) if labels is not None else _label_from_path(path)
         if label in seen:
             seen[label] += 1
@@ -179,8 +173,6 @@ def check_comparable(entries: list[Entry], bits_per_byte: bool) -> None:
 
 def load_split_tokens(entries: list[Entry], split: str, data_override: dict | None, max_tokens: int | None) -> None:
     """Token ids of ``split`` for every entry (built once per distinct tokenizer)."""
-    from xvariants.training.run import build_datamodule
-
     cache: dict[str, tuple[np.ndarray, Any]] = {}
     for e in entries:
         data = dict(e.hparams["data"])
@@ -498,8 +490,6 @@ def compare(cfg: dict, out_dir: str | Path) -> dict[str, Any]:
 def _log_to_loggers(logger_cfg: dict | None, rows, recl_rows, figures: dict, md: str) -> None:
     if not logger_cfg:
         return
-    from xvariants.training.run import instantiate_group
-
     loggers = instantiate_group(logger_cfg)
     ordered = sorted((r for r in rows if not r.get("note")), key=lambda r: r["attention_length"])
     for lg in loggers:

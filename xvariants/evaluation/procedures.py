@@ -150,19 +150,6 @@ def sliding_plan(n_targets: int, window: int, stride: int) -> list[tuple[int, in
 
 
 # --------------------------------------------------------------------------- forward helpers
-def _hidden(model, x: torch.Tensor, state):
-    """embedding -> body, as :meth:`LanguageModel.forward` does (no cache, offset 0)."""
-    out = model.body(model.embed(x, 0), state)
-    return out.hidden, out.state, out.aux
-
-
-def _nll_at(model, hidden: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """NLL of ``targets[rows, cols]`` from ``hidden[rows, cols]``: logits only where scored."""
-    h = hidden[rows, cols][None]
-    y = targets[rows, cols][None]
-    return model.head.nll(h, y)[0]
-
-
 class _StatMean:
     """Token-weighted means of scalar aux stats (e.g. ACT ponder steps)."""
 
@@ -238,6 +225,18 @@ def body_lengths(body, mem_len: int | None = None, clamp_len: int | None = None,
     yield
 
 
+def _segment_clamp(body, seg_len: int):
+    """Clamp off for a segment too short for any distance to reach ``clamp_len`` (the last
+    segment of a stream): the result is the same, and the xl bodies refuse such a clamp because
+    in a training config it is a mistake. The body says when that is (``clamp_unused``)."""
+    if not hasattr(body, "lengths"):
+        return contextlib.nullcontext()
+    unused = getattr(body, "clamp_unused", None)
+    if unused is None:  # TODO(issue 10 merge): SegmentLengths.clamp_unused replaces this copy of its rule
+        unused = lambda T: body.clamp_len > 0 and body.clamp_len >= body.mem_len + T  # noqa: E731
+    return body.lengths(clamp_len=-1) if unused(seg_len) else contextlib.nullcontext()
+
+
 def _context_limit(model) -> int | None:
     return getattr(model, "max_context", None)
 
@@ -299,12 +298,12 @@ def sliding_window(
             cols = s[:, None] + offs[None, :]  # input positions
             x = streams[bi[:, None], cols]
             y = streams[bi[:, None], cols + 1]
-            hidden, _, aux = _hidden(model, x.to(device), None)
+            out = model.hidden_states(x.to(device))
             forwards += 1
-            stats.add(aux, float(x.numel()))
+            stats.add(out.aux, float(x.numel()))
             scored = offs[None, :] >= f[:, None]  # [n, W]
             r, c = scored.nonzero(as_tuple=True)
-            vals = _nll_at(model, hidden, y.to(device), r.to(device), c.to(device)).double().cpu()
+            vals = model.nll_at(out.hidden, y.to(device), r.to(device), c.to(device)).double().cpu()
             tcol = s[r] + c  # target t = s + c + 1 -> column t - 1
             nll[bi[r], tcol] = vals
             pos[bi[r], tcol] = c.to(torch.int32)
@@ -379,16 +378,12 @@ def segments_with_memory(
             T = end - start
             x = streams[:, start:end].to(device)
             y = streams[:, start + 1 : end + 1].to(device)
-            short_clamp = (
-                clamp_len is not None and clamp_len > 0 and clamp_len >= mem_len + T and hasattr(body, "lengths")
-            )
-            seg_ctx = body.lengths(clamp_len=-1) if short_clamp else contextlib.nullcontext()
-            with seg_ctx:
-                hidden, state, aux = _hidden(model, x, state)
-            state = detach_state(state)
+            with _segment_clamp(body, T):
+                out = model.hidden_states(x, state)
+            state = detach_state(out.state)
             forwards += 1
-            stats.add(aux, float(x.numel()))
-            vals = model.head.nll(hidden, y).double().cpu()
+            stats.add(out.aux, float(x.numel()))
+            vals = model.nll_at(out.hidden, y).double().cpu()
             nll[:, start:end] = vals
             held = min(start, mem_len) if has_mem_len else start
             pos[:, start:end] = (held + torch.arange(T, dtype=torch.int32))[None, :]
