@@ -101,13 +101,23 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict]:
 
 
 def build_datamodule(data: dict, tokenizer_state: dict | None = None):
-    """Instantiate a data config (``_target_``), restoring a checkpoint's tokenizer when given."""
+    """Instantiate a data config (``_target_``), restoring a checkpoint's tokenizer when given.
+    The datamodule checks its own arguments; their errors come out as raised (naming the
+    field), not wrapped in Hydra's ``InstantiationException``."""
     import hydra
+    from hydra.errors import InstantiationException
+
+    from xvariants.config_errors import ConfigError, DataError
 
     data = dict(data)
     if tokenizer_state is not None:
         data["tokenizer_state"] = tokenizer_state
-    return hydra.utils.instantiate(data, _convert_="all")
+    try:
+        return hydra.utils.instantiate(data, _convert_="all")
+    except InstantiationException as e:
+        if isinstance(e.__cause__, (ConfigError, DataError)):
+            raise e.__cause__ from None
+        raise
 
 
 def instantiate_group(group: dict | None) -> list:

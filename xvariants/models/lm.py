@@ -10,6 +10,7 @@ from torch import nn
 
 from xvariants.layers.init import init_gpt2
 from xvariants.models.contract import AuxOutput, Body, BodyOutput, State
+from xvariants.config_errors import require
 from xvariants.constants import IGNORE_INDEX
 from xvariants.models.heads import InputEmbedding, LinearHead
 
@@ -63,6 +64,8 @@ class LanguageModel(nn.Module):
         head: nn.Module | None = None,
     ):
         super().__init__()
+        require(isinstance(max_len, int) and not isinstance(max_len, bool) and max_len >= 1, "max_len", f"must be >= 1, got {max_len}")
+        require(0.0 <= emb_dropout < 1.0, "emb_dropout", f"must be in [0, 1), got {emb_dropout}")
         if positions is None:
             positions = "none" if body.owns_positions else "learned"
         d = body.d_model
