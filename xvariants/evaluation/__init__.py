@@ -1,5 +1,5 @@
 """Evaluation: procedures over a token array (sliding window, segments with memory), the
-multi-checkpoint comparison behind ``python eval.py compare=[...]``, RECL, baselines."""
+multi-checkpoint comparison behind ``python eval.py compare=[...]``, RECL."""
 
 from xvariants.evaluation.procedures import (
     EvalResult,

@@ -25,6 +25,7 @@ import torch
 from xvariants.config_errors import ConfigError, require
 from xvariants.constants import BIT_UNITS
 from xvariants.evaluation.procedures import (
+    MAX_BATCH_TOKENS,
     PROCEDURES,
     EvalResult,
     check_attention_length,
@@ -48,7 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "clamp_len": None,
     "same_length": None,
     "streams": 10,
-    "max_batch_tokens": 8192,
+    "max_batch_tokens": MAX_BATCH_TOKENS,
     "max_tokens": None,
     "bits_per_byte": False,
     "recl": False,
@@ -244,7 +245,7 @@ def run_entry(entry: Entry, lengths: list[int], opts: dict, split: str) -> None:
             tgt_len=tgt,
             clamp_len=opts.get("clamp_len"),
             same_length=opts.get("same_length"),
-            max_batch_tokens=opts.get("max_batch_tokens") or 8192,
+            max_batch_tokens=opts.get("max_batch_tokens") or MAX_BATCH_TOKENS,
             progress=bool(opts.get("progress")),
             desc=f"{entry.label} @{a}",
         )

@@ -38,6 +38,8 @@ from xvariants.config_errors import ConfigError, require
 from xvariants.models.contract import detach_state
 
 PROCEDURES = ("auto", "sliding", "segments")
+#: input tokens per sliding-window forward (windows of all streams are batched up to this)
+MAX_BATCH_TOKENS = 8192
 
 
 # --------------------------------------------------------------------------- results
@@ -259,7 +261,7 @@ def sliding_window(
     window: int,
     stride: int,
     *,
-    max_batch_tokens: int = 8192,
+    max_batch_tokens: int = MAX_BATCH_TOKENS,
     progress: bool = False,
     desc: str = "sliding",
 ) -> EvalResult:
@@ -438,7 +440,7 @@ def evaluate_tokens(
     tgt_len: int | None = None,
     clamp_len: int | None = None,
     same_length: bool | None = None,
-    max_batch_tokens: int = 8192,
+    max_batch_tokens: int = MAX_BATCH_TOKENS,
     progress: bool = False,
     desc: str = "",
 ) -> EvalResult:
