@@ -16,11 +16,10 @@ import torch
 from xvariants.config_errors import ConfigError
 from xvariants.evaluation.procedures import (
     evaluate_tokens,
-    make_streams,
     segments_with_memory,
-    sliding_plan,
     sliding_window,
 )
+from xvariants.evaluation.streams import make_streams, sliding_plan
 from xvariants.evaluation.recl import recl, relative_gain
 from xvariants.models import BODIES, build_language_model
 from xvariants.loading import CheckpointError
