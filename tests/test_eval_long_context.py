@@ -325,3 +325,19 @@ def test_eval_py_reports_one_clear_line(tmp_path, monkeypatch, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"error: compare[0]: checkpoint not found: {tmp_path}/missing.ckpt"
+
+
+def test_training_and_evaluation_do_not_import_each_other():
+    """Both sit on xvariants.loading; neither reaches into the other (nor interpret into training)."""
+    import ast
+
+    pkg = ROOT / "xvariants"
+    forbidden = {"evaluation": "xvariants.training", "interpret": "xvariants.training", "training": "xvariants.evaluation"}
+    found = []
+    for folder, bad in forbidden.items():
+        for path in sorted((pkg / folder).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                found += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.startswith(bad)]
+    assert not found, found
