@@ -158,6 +158,21 @@ def test_xl_memory_equals_direct_loop_carrying_state():
     assert (model.body.mem_len, model.body.clamp_len) == (8, -1)
 
 
+@pytest.mark.parametrize("body", ["xl", "universal_xl"])
+def test_a_short_last_segment_asks_the_body_whether_the_clamp_applies(body):
+    kw = {"num_steps": 2, "mem_len": 8} if body == "universal_xl" else {}
+    model, s = tiny(body, **kw), streams(L=38)  # 37 targets: segments of 5, the last of 2
+    off = evaluate_tokens(model, s, 5 + 11, tgt_len=5, clamp_len=-1)
+    asked, b = [], model.body
+    # the body's capability (SegmentLengths.clamp_unused), recorded
+    b.clamp_unused = lambda T: asked.append(T) or (b.clamp_len > 0 and b.clamp_len >= b.mem_len + T)
+    # clamp 15 = the longest distance of a full segment: never changes a score; the last
+    # segment (2 tokens) cannot reach it at all, and the xl body refuses such a clamp
+    res = evaluate_tokens(model, s, 5 + 11, tgt_len=5, clamp_len=15)
+    assert asked and asked[-1] == 2 and res.clamp_len == 15
+    np.testing.assert_allclose(res.nll, off.nll, atol=1e-6)
+
+
 def test_ut_act_uses_sliding_window_and_reports_ponder_steps():
     model = tiny("universal", num_steps=None, act=True, max_steps=3)
     res = evaluate_tokens(model, streams(), 8, stride=3)
