@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xvariants.layers.init import init_gpt2
-from xvariants.models.contract import AuxOutput, Body, BodyOutput, State
 from xvariants.config_errors import require
 from xvariants.constants import IGNORE_INDEX
+from xvariants.layers.init import init_gpt2
+from xvariants.models.contract import AuxOutput, Body, BodyOutput, State
 from xvariants.models.heads import InputEmbedding, LinearHead
 
 
