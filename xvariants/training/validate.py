@@ -15,6 +15,7 @@ import torch
 from xvariants.config_errors import ConfigError, config_scope, require
 from xvariants.data.datamodule import BATCHING
 from xvariants.data.tokenizers import TOKENIZER_NAMES
+from xvariants.loading import build_datamodule
 from xvariants.models.build import ADAPTIVE_KEYS, split_model_config
 from xvariants.models.lm import LanguageModel
 from xvariants.models.registry import BODIES, build_body
@@ -30,8 +31,8 @@ def _positive_int(value: Any, field: str) -> None:
 
 
 def validate_data(data: dict, tokenizer: dict | None) -> None:
-    """What must hold before the corpus is read. Sizes, counts and options of the data group are
-    checked by its datamodule's constructor (built before any corpus is read)."""
+    """What must hold before the corpus is read; then the datamodule is constructed (which reads
+    nothing yet) so that its own checks of sizes, counts and options run before the model's."""
     if data.get("batching", "random") not in BATCHING:
         raise ConfigError("data.batching", f"unknown batching {data.get('batching')!r}", BATCHING)
     if tokenizer is not None:
@@ -43,6 +44,7 @@ def validate_data(data: dict, tokenizer: dict | None) -> None:
         paths = files or [corpus.get("path")]
         for field, p in zip(("data.corpus.path",) if not files else ("data.corpus.train_file", "data.corpus.valid_file", "data.corpus.test_file"), paths):
             require(p is not None and Path(str(p)).exists(), field, f"no such file or folder: {p}")
+    build_datamodule(data)
 
 
 def validate_model(model: dict, data: dict) -> None:
