@@ -14,6 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from xvariants.models.build import build_language_model
+from xvariants.models.lm import LanguageModel
+
 #: keys of a Lightning checkpoint that xvariants reads
 STATE_DICT = "state_dict"
 HYPER_PARAMETERS = "hyper_parameters"
@@ -89,10 +92,8 @@ def load_weights(module: nn.Module, state_dict: dict, path: str | os.PathLike, p
         )
 
 
-def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+def load_model(path: str | os.PathLike) -> tuple[LanguageModel, dict]:
     """``(LanguageModel, hyper-parameters)`` of a training checkpoint, without Lightning or Hydra."""
-    from xvariants.models.build import build_language_model
-
     ckpt = safe_load(path)
     hp = checkpoint_hparams(ckpt, path)
     model = build_language_model(dict(hp["model"]), hp["vocab_size"])
