@@ -16,7 +16,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from xvariants.config_errors import ConfigError, DataError  # noqa: E402
-from xvariants.training.checkpoint import CheckpointError  # noqa: E402
+from xvariants.loading import CheckpointError  # noqa: E402
 
 
 def run(cfg: DictConfig):

@@ -14,7 +14,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from xvariants.config_errors import ConfigError, DataError  # noqa: E402
-from xvariants.training.checkpoint import CheckpointError  # noqa: E402
+from xvariants.loading import CheckpointError  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

@@ -16,14 +16,13 @@ import torch
 from xvariants.config_errors import ConfigError
 from xvariants.evaluation.procedures import (
     evaluate_tokens,
-    make_streams,
     segments_with_memory,
-    sliding_plan,
     sliding_window,
 )
+from xvariants.evaluation.streams import make_streams, sliding_plan
 from xvariants.evaluation.recl import recl, relative_gain
 from xvariants.models import BODIES, build_language_model
-from xvariants.training.checkpoint import CheckpointError
+from xvariants.loading import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 V = 13
@@ -151,6 +150,21 @@ def test_xl_memory_equals_direct_loop_carrying_state():
     np.testing.assert_allclose(res.nll, ref, atol=1e-5)
     assert res.position[0, -1] == 11 + 4
     assert (model.body.mem_len, model.body.clamp_len) == (8, -1)
+
+
+@pytest.mark.parametrize("body", ["xl", "universal_xl"])
+def test_a_short_last_segment_asks_the_body_whether_the_clamp_applies(body):
+    kw = {"num_steps": 2, "mem_len": 8} if body == "universal_xl" else {}
+    model, s = tiny(body, **kw), streams(L=38)  # 37 targets: segments of 5, the last of 2
+    off = evaluate_tokens(model, s, 5 + 11, tgt_len=5, clamp_len=-1)
+    asked, b = [], model.body
+    # the body's capability (SegmentLengths.clamp_unused), recorded
+    b.clamp_unused = lambda T: asked.append(T) or (b.clamp_len > 0 and b.clamp_len >= b.mem_len + T)
+    # clamp 15 = the longest distance of a full segment: never changes a score; the last
+    # segment (2 tokens) cannot reach it at all, and the xl body refuses such a clamp
+    res = evaluate_tokens(model, s, 5 + 11, tgt_len=5, clamp_len=15)
+    assert asked and asked[-1] == 2 and res.clamp_len == 15
+    np.testing.assert_allclose(res.nll, off.nll, atol=1e-6)
 
 
 def test_ut_act_uses_sliding_window_and_reports_ponder_steps():
@@ -320,3 +334,19 @@ def test_eval_py_reports_one_clear_line(tmp_path, monkeypatch, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"error: compare[0]: checkpoint not found: {tmp_path}/missing.ckpt"
+
+
+def test_training_and_evaluation_do_not_import_each_other():
+    """Both sit on xvariants.loading; neither reaches into the other (nor interpret into training)."""
+    import ast
+
+    pkg = ROOT / "xvariants"
+    forbidden = {"evaluation": "xvariants.training", "interpret": "xvariants.training", "training": "xvariants.evaluation"}
+    found = []
+    for folder, bad in forbidden.items():
+        for path in sorted((pkg / folder).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                found += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.startswith(bad)]
+    assert not found, found

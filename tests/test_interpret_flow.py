@@ -179,6 +179,23 @@ def test_xl_memory_positions_are_leaves():
     assert 0 < fl.memory_share(2) < 1
 
 
+@pytest.mark.parametrize(
+    "cfg, word",
+    [
+        ({"body": "vanilla", "n_layers": 2}, "layer"),
+        ({"body": "xl", "n_layers": 2, "mem_len": 4}, "layer"),
+        ({"body": "universal", "num_steps": 2}, "step"),
+        ({"body": "universal_xl", "num_steps": 2, "mem_len": 4}, "step"),
+        ({"body": "universal_xl", "act": True, "max_steps": 3, "mem_len": 4}, "step"),
+    ],
+)
+def test_record_names_levels_steps_for_every_body_that_repeats_a_layer(cfg, word):
+    torch.manual_seed(0)
+    m = build_language_model({"d_model": 16, "n_heads": 2, "dropout": 0.0, **cfg}, 11).eval()
+    rec = record_attention(m, torch.arange(6))
+    assert rec.kind == cfg["body"] and rec.layer_word == word and rec.to_dict()["layer_word"] == word
+
+
 def test_record_from_models_and_influence():
     V = 29
     torch.manual_seed(0)

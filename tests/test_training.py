@@ -14,7 +14,7 @@ import torch
 
 from tests.conftest import ROOT, SHARED_DATA, TINY, compose_train
 from xvariants.config_errors import ConfigError
-from xvariants.training.checkpoint import CheckpointError, safe_load
+from xvariants.loading import CheckpointError, safe_load
 
 CONFIGS = ROOT / "configs"
 
@@ -204,7 +204,7 @@ def test_checkpoint_errors_are_clear(tmp_path):
 
 
 def test_atomic_save_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch):
-    from xvariants.training import checkpoint as ck
+    from xvariants import loading as ck
 
     path = tmp_path / "last.ckpt"
     ck.atomic_torch_save({"state_dict": {"a": torch.ones(1)}}, path)

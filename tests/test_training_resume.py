@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import TINY, compose_train
-from xvariants.training.checkpoint import atomic_torch_save, safe_load
+from xvariants.loading import atomic_torch_save, safe_load
 
 
 def _run(tmp_path, *overrides):

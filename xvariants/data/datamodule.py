@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from xvariants.config_errors import DataError
+from xvariants.config_errors import DataError, require
 
 from collections.abc import Mapping
 from typing import Any
@@ -22,8 +22,7 @@ BATCHING = ("ordered", "random")
 
 
 def _positive(value: Any, field: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise DataError(f"{field} must be a positive integer, got {value!r}")
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, field, f"must be a positive integer, got {value!r}")
     return value
 
 
@@ -80,8 +79,8 @@ class LMDataModule(L.LightningDataModule):
             raise DataError(f"data.batching must be one of {', '.join(BATCHING)}; got {batching!r}")
         if batches_per_epoch is not None:
             _positive(batches_per_epoch, "data.batches_per_epoch")
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise DataError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
+        require(isinstance(num_workers, int) and not isinstance(num_workers, bool) and num_workers >= 0,
+                "data.num_workers", f"must be an integer >= 0, got {num_workers!r}")
 
         self.corpus_config = corpus
         self.tokenizer_name = tokenizer_name

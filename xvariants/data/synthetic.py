@@ -29,11 +29,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from xvariants.config_errors import ConfigError, require
+from xvariants.constants import IGNORE_INDEX
 from xvariants.data.batching import EpochSampler, OrderedSampler
 from xvariants.data.tokenizers import CharTokenizer
 
 TASKS = ("copy", "reverse", "addition")
-IGNORE_INDEX = -100
 PAD, EOS, SEP, PLUS = "_", ".", "=", "+"
 DIGITS = "0123456789"
 _SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}

@@ -10,11 +10,9 @@ loggers (``logger=tensorboard``, ``logger=wandb`` (offline by default), ``logger
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,22 +21,21 @@ import numpy as np
 import torch
 
 from xvariants.config_errors import ConfigError, require
-from xvariants.evaluation.procedures import (
-    PROCEDURES,
-    EvalResult,
-    check_attention_length,
-    evaluate_tokens,
-    make_streams,
-    pick_procedure,
-    position_profile,
+from xvariants.constants import BIT_UNITS
+from xvariants.evaluation.procedures import MAX_BATCH_TOKENS, PROCEDURES, evaluate_tokens, pick_procedure
+from xvariants.evaluation.report import (
+    CSV_FIELDS,
+    log_to_loggers,
+    markdown_table,
+    recl_markdown,
+    run_recl,
+    safe_name,
+    write_csv,
 )
-from xvariants.evaluation.recl import recl as compute_recl
-from xvariants.training.checkpoint import CheckpointError
+from xvariants.evaluation.streams import EvalResult, check_attention_length, make_streams, position_profile
+from xvariants.loading import CheckpointError, build_datamodule, load_model
 
 log = logging.getLogger("xvariants")
-
-#: what the per-token loss in bits is called, per tokenizer unit
-BIT_UNITS = {"byte": "bits per byte", "char": "bits per character"}
 
 DEFAULTS: dict[str, Any] = {
     "attention_lengths": None,
@@ -50,7 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "clamp_len": None,
     "same_length": None,
     "streams": 10,
-    "max_batch_tokens": 8192,
+    "max_batch_tokens": MAX_BATCH_TOKENS,
     "max_tokens": None,
     "bits_per_byte": False,
     "recl": False,
@@ -106,8 +103,6 @@ def _label_from_path(path: str) -> str:
 
 def load_entries(paths: list[str], labels: list[str] | None = None) -> list[Entry]:
     """Rebuild every checkpoint's model (``weights_only`` loads; clear messages otherwise)."""
-    from xvariants.training.run import load_task
-
     require(isinstance(paths, (list, tuple)) and len(paths) >= 1, "compare",
             f"must be a list of checkpoint paths, e.g. compare=[a.ckpt,b.ckpt]; got {paths!r}")
     if labels is not None:
@@ -118,13 +113,11 @@ def load_entries(paths: list[str], labels: list[str] | None = None) -> list[Entr
     for i, path in enumerate(paths):
         path = str(path)
         try:
-            task, _ = load_task(path)
+            model, hp = load_model(path)
         except CheckpointError as e:
             raise CheckpointError(f"compare[{i}]: {e}") from None
-        hp = dict(task.hparams)
         if not hp.get("data"):
             raise CheckpointError(f"compare[{i}]: {path} does not record its data config; cannot rebuild the split")
-        model = task.model
         label = str(labels[i]) if labels is not None else _label_from_path(path)
         if label in seen:
             seen[label] += 1
@@ -179,8 +172,6 @@ def check_comparable(entries: list[Entry], bits_per_byte: bool) -> None:
 
 def load_split_tokens(entries: list[Entry], split: str, data_override: dict | None, max_tokens: int | None) -> None:
     """Token ids of ``split`` for every entry (built once per distinct tokenizer)."""
-    from xvariants.training.run import build_datamodule
-
     cache: dict[str, tuple[np.ndarray, Any]] = {}
     for e in entries:
         data = dict(e.hparams["data"])
@@ -252,7 +243,7 @@ def run_entry(entry: Entry, lengths: list[int], opts: dict, split: str) -> None:
             tgt_len=tgt,
             clamp_len=opts.get("clamp_len"),
             same_length=opts.get("same_length"),
-            max_batch_tokens=opts.get("max_batch_tokens") or 8192,
+            max_batch_tokens=opts.get("max_batch_tokens") or MAX_BATCH_TOKENS,
             progress=bool(opts.get("progress")),
             desc=f"{entry.label} @{a}",
         )
@@ -303,98 +294,6 @@ def result_rows(entries: list[Entry], split: str) -> list[dict[str, Any]]:
             )
             rows.append(row)
     return rows
-
-
-# --------------------------------------------------------------------------- outputs
-CSV_FIELDS = [
-    "model", "body", "parameters", "body_parameters", "attention_length", "x_train", "procedure", "window", "stride", "tgt_len",
-    "mem_len", "clamp_len", "mean_context", "tokens", "loss", "ppl", "bpc", "bpb", "tokens_per_s", "seconds",
-    "ponder_steps", "split", "unit", "note",
-]
-
-
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
-
-
-def markdown_table(rows: list[dict[str, Any]], header: str = "") -> str:
-    has_bpc = any(r.get("bpc") is not None for r in rows)
-    has_bpb = any(r.get("bpb") is not None for r in rows)
-    has_ponder = any(r.get("ponder_steps") is not None for r in rows)
-    cols = ["model", "body", "parameters (body)", "attention length", "× train", "procedure", "mean context", "ppl"]
-    if has_bpc:
-        cols.append("bpc")
-    if has_bpb:
-        cols.append("bits/byte")
-    cols.append("tokens/s")
-    if has_ponder:
-        cols.append("ponder steps")
-    lines = [header] if header else []
-    lines += ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for r in rows:
-        cells = [r["model"], r["body"], f"{r['parameters']:,} ({r['body_parameters']:,})", str(r["attention_length"]), _fmt(r.get("x_train"), 2)]
-        if r.get("note"):
-            cells += [r["note"], "–", "–"] + (["–"] if has_bpc else []) + (["–"] if has_bpb else []) + ["–"]
-            cells += ["–"] if has_ponder else []
-        else:
-            cells += [r["procedure"], _fmt(r["mean_context"], 1), _fmt(r["ppl"], 3)]
-            if has_bpc:
-                cells.append(_fmt(r.get("bpc"), 4))
-            if has_bpb:
-                cells.append(_fmt(r.get("bpb"), 4))
-            cells.append(f"{r['tokens_per_s']:,.0f}")
-            if has_ponder:
-                cells.append(_fmt(r.get("ponder_steps"), 2))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.@-]+", "_", name)
-
-
-def run_recl(entries: list[Entry], opts: dict) -> list[dict[str, Any]]:
-    losses = {}
-    for e in entries:
-        losses[e.label] = {a: r.nll.reshape(-1) for a, r in e.results.items()}
-    rs = opts.get("recl_r") or [1.0]
-    rs = rs if isinstance(rs, (list, tuple)) else [rs]
-    rows = []
-    for r in rs:
-        res = compute_recl(losses, float(r), float(opts.get("recl_threshold") or 0.01))
-        for name, x in res.items():
-            rows.append({"model": name, "r": float(r), "recl": x.recl, "bounded": x.bounded, "label": x.label,
-                         "gains": " ".join(f"{c}->{c2}:{g:.4f}" for c, c2, g in x.gains)})
-    return rows
-
-
-def recl_markdown(rows: list[dict[str, Any]], threshold: float) -> str:
-    rs = sorted({r["r"] for r in rows})
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    by = {(r["model"], r["r"]): r["label"] for r in rows}
-    lines = [
-        f"RECL (Dai et al. 2019 §4.3) over this group, threshold {threshold:g}; '>=' = still gaining at the longest length.",
-        "",
-        "| model | " + " | ".join(f"r={r:g}" for r in rs) + " |",
-        "|---|" + "|".join("---" for _ in rs) + "|",
-    ]
-    for m in models:
-        lines.append(f"| {m} | " + " | ".join(by[(m, r)] for r in rs) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def compare(cfg: dict, out_dir: str | Path) -> dict[str, Any]:
@@ -449,8 +348,8 @@ def compare(cfg: dict, out_dir: str | Path) -> dict[str, Any]:
     arrays, prof_rows = {}, []
     for e in entries:
         for a, r in e.results.items():
-            arrays[f"{_safe(e.label)}@{a}/nll"] = r.nll.astype(np.float32)
-            arrays[f"{_safe(e.label)}@{a}/position"] = r.position.astype(np.int32)
+            arrays[f"{safe_name(e.label)}@{a}/nll"] = r.nll.astype(np.float32)
+            arrays[f"{safe_name(e.label)}@{a}/position"] = r.position.astype(np.int32)
             for p in position_profile(r):
                 prof_rows.append({"model": e.label, "attention_length": a, **p})
     if arrays and opts["save_per_token"]:
@@ -481,7 +380,7 @@ def compare(cfg: dict, out_dir: str | Path) -> dict[str, Any]:
     (out_dir / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     files.append("results.json")
     try:
-        _log_to_loggers(cfg.get("logger"), rows, recl_rows, figures, md)
+        log_to_loggers(cfg.get("logger"), rows, recl_rows, figures, md)
     finally:
         if figures:
             import matplotlib.pyplot as plt
@@ -493,41 +392,3 @@ def compare(cfg: dict, out_dir: str | Path) -> dict[str, Any]:
         print(recl_markdown(recl_rows, float(opts["recl_threshold"])))
     print(f"written to {out_dir}: {', '.join(files)}", flush=True)
     return {"rows": rows, "recl": recl_rows, "files": [str(out_dir / f) for f in files]}
-
-
-def _log_to_loggers(logger_cfg: dict | None, rows, recl_rows, figures: dict, md: str) -> None:
-    if not logger_cfg:
-        return
-    from xvariants.training.run import instantiate_group
-
-    loggers = instantiate_group(logger_cfg)
-    ordered = sorted((r for r in rows if not r.get("note")), key=lambda r: r["attention_length"])
-    for lg in loggers:
-        for r in ordered:
-            metrics = {f"compare/{r['model']}/{k}": float(r[k]) for k in ("loss", "ppl", "bpc", "bpb", "tokens_per_s")
-                       if r.get(k) is not None}
-            lg.log_metrics(metrics, step=int(r["attention_length"]))
-        for r in recl_rows:
-            lg.log_metrics({f"recl/{r['model']}/r={r['r']:g}": float(r["recl"])})
-        kind = type(lg).__name__
-        try:
-            if kind == "TensorBoardLogger":
-                exp = lg.experiment
-                exp.add_text("comparison", md)
-                for name, fig in figures.items():
-                    if fig is not None:
-                        exp.add_figure(name, fig)
-            elif kind == "WandbLogger":
-                cols = [c for c in CSV_FIELDS if any(r.get(c) is not None for r in rows)]
-                lg.log_table(key="comparison", columns=cols, data=[[r.get(c) for c in cols] for r in rows])
-                for name, fig in figures.items():
-                    if fig is not None:
-                        import wandb
-
-                        lg.experiment.log({name: wandb.Image(fig)})
-        except Exception as e:  # a logger's extras must not lose the results already written
-            log.warning("could not log figures/tables to %s: %s", kind, e)
-        lg.save()
-        lg.finalize("success")
-        if kind == "WandbLogger":
-            lg.experiment.finish()

@@ -79,13 +79,13 @@ def _bool(v: str) -> bool:
 def load_checkpoint_model(ckpt_path: str):
     """``(model, tokenizer)`` rebuilt from an xvariants checkpoint (weights_only load)."""
     from xvariants.data.tokenizers import tokenizer_from_dict
-    from xvariants.training.run import load_task
+    from xvariants.loading import load_model
 
-    task, _ = load_task(ckpt_path)
-    state = task.hparams.get("tokenizer_state")
+    model, hparams = load_model(ckpt_path)
+    state = hparams.get("tokenizer_state")
     if not state:
         raise UsageError(f"{ckpt_path} stores no tokenizer; cannot encode text for it")
-    return task.model.eval(), tokenizer_from_dict(state)
+    return model.eval(), tokenizer_from_dict(state)
 
 
 @torch.no_grad()

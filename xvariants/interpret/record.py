@@ -23,6 +23,9 @@ from torch import nn
 
 from xvariants.interpret.hooks import HookTable, find_body, run_with_cache, unwrap_model
 
+#: hook names of a body that applies one shared layer step after step (Universal Transformers)
+STEP_PREFIX = "steps."
+
 
 @dataclass
 class AttentionRecord:
@@ -38,6 +41,8 @@ class AttentionRecord:
     :param name: model label for views and comparisons.
     :param freeze_halted: halted positions are copied (UT ``halted_update="freeze"``); under
         tensor2tensor's update they keep being transformed, so their rows stay attention rows.
+    :param layer_word: what a level is called in views: ``step`` when one shared layer is
+        applied repeatedly (the body's hooks are named ``steps.{n}.``), else ``layer``.
     """
 
     tokens: list[str]
@@ -49,6 +54,7 @@ class AttentionRecord:
     name: str = "model"
     freeze_halted: bool = True
     meta: dict[str, Any] = field(default_factory=dict)
+    layer_word: str = "layer"
 
     def __post_init__(self) -> None:
         self.attn = [np.asarray(a, dtype=np.float64) for a in self.attn]
@@ -85,10 +91,6 @@ class AttentionRecord:
     def n_memory(self, layer: int) -> int:
         """Memory keys of ``layer`` (1-based)."""
         return self.attn[layer - 1].shape[2] - self.n_tokens
-
-    @property
-    def layer_word(self) -> str:
-        return "step" if self.kind == "universal" else "layer"
 
     def is_active(self, layer: int, pos: int) -> bool:
         if not 1 <= layer <= self.n_layers:
@@ -210,9 +212,11 @@ def record_attention(
     attn = [cache[n][0].double().numpy() for _, n in patterns]
     active = []
     for step, _ in patterns:
-        key = f"steps.{step}.hook_active"
+        key = f"{STEP_PREFIX}{step}.hook_active"
         active.append(cache[key][0].numpy().astype(bool) if key in cache else None)
     kind = getattr(type(body), "registry_name", "model") if body is not None else "model"
+    # a body that repeats one shared layer names its hooks by step (``steps.{n}.``), whatever the body
+    word = "step" if all(n.startswith(STEP_PREFIX) for _, n in patterns) else "layer"
     freeze = True
     halting = getattr(body, "halting", None)
     if halting is not None:
@@ -228,4 +232,5 @@ def record_attention(
         name=name,
         freeze_halted=freeze,
         meta={"token_ids": ids},
+        layer_word=word,
     )

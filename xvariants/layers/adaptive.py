@@ -26,10 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from xvariants.config_errors import ConfigError, require
+from xvariants.constants import IGNORE_INDEX
 from xvariants.layers.hooks import HookPoint
 from xvariants.layers.positions import build_positions
-
-IGNORE_INDEX = -100
 
 
 def check_cutoffs(cutoffs: Sequence[int], vocab_size: int, field: str = "cutoffs") -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from xvariants.config_errors import ConfigError, require
 from xvariants.layers.hooks import HookPoint
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
@@ -26,9 +27,8 @@ class FeedForward(nn.Module):
     def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", dropout: float = 0.0, bias: bool = True):
         super().__init__()
         if activation not in ACTIVATIONS:
-            from xvariants.config_errors import ConfigError
-
             raise ConfigError("activation", f"unknown activation {activation!r}", ACTIVATIONS)
+        require(isinstance(d_ff, int) and not isinstance(d_ff, bool) and d_ff > 0, "d_ff", f"must be a positive integer, got {d_ff!r}")
         self.fc1 = nn.Linear(d_model, d_ff, bias=bias)
         self.act = ACTIVATIONS[activation]()
         self.drop = nn.Dropout(dropout)

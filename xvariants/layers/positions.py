@@ -6,6 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+#: absolute position kinds an embedding can add (``none``: the body brings its own)
+POSITIONS = ("learned", "sinusoidal", "none")
+
 
 def sinusoid_table(positions: torch.Tensor, dim: int, base: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional or reversed) positions.
@@ -64,4 +67,5 @@ def build_positions(kind: str, d_model: int, max_len: int) -> nn.Module | None:
         return None
     from xvariants.config_errors import ConfigError
 
-    raise ConfigError("positions", f"unknown kind {kind!r}", ["learned", "sinusoidal", "none"])
+    hint = " (rotary positions are a body option: positions: none, rotary: true)" if kind in ("rotary", "rope") else ""
+    raise ConfigError("positions", f"unknown kind {kind!r}{hint}", POSITIONS)

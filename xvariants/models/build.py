@@ -3,10 +3,9 @@ checkpoint stores), so ``load_from_checkpoint`` needs no Hydra."""
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
-from xvariants.config_errors import ConfigError, config_scope, require
+from xvariants.config_errors import config_scope, require
 from xvariants.models.lm import LanguageModel
 from xvariants.models.registry import BODIES, build_body
 
@@ -27,26 +26,17 @@ def split_model_config(config: dict[str, Any]) -> tuple[str, dict[str, Any], dic
 
 
 def build_language_model(config: dict[str, Any], vocab_size: int) -> LanguageModel:
-    """Build ``embedding -> body -> head`` from a flat model config."""
+    """Build ``embedding -> body -> head`` from a flat model config; every part checks its own
+    arguments and errors name them as ``model.<field>``."""
     require(isinstance(vocab_size, int) and vocab_size > 0, "data.vocab_size", f"must be a positive int, got {vocab_size}")
     name, lm_kwargs, body_kwargs = split_model_config(config)
-    if "positions" in lm_kwargs and lm_kwargs["positions"] not in (None, "learned", "sinusoidal", "none"):
-        hint = " (rotary positions are a body option: positions: none, rotary: true)" if lm_kwargs["positions"] in ("rotary", "rope") else ""
-        raise ConfigError(
-            "model.positions", f"unknown kind {lm_kwargs['positions']!r}{hint}", ["learned", "sinusoidal", "none"]
-        )
-    if "max_len" in lm_kwargs:
-        require(lm_kwargs["max_len"] >= 1, "model.max_len", f"must be >= 1, got {lm_kwargs['max_len']}")
     adaptive = {k: lm_kwargs.pop(k) for k in ADAPTIVE_KEYS if k in lm_kwargs}
-    body = build_body(name, **body_kwargs)
-    lm_params = inspect.signature(LanguageModel.__init__).parameters
-    assert all(k in lm_params for k in lm_kwargs)
-    if adaptive:
-        from xvariants.layers.adaptive import build_adaptive_from_config
+    with config_scope("model."):
+        body = build_body(name, **body_kwargs)
+        if adaptive:
+            from xvariants.layers.adaptive import build_adaptive_from_config
 
-        init_std = body_kwargs.get("init_std", 0.02)
-        with config_scope("model."):
-            embedding, head = build_adaptive_from_config(adaptive, lm_kwargs, body, vocab_size, init_std)
-        if embedding is not None:
-            return LanguageModel(body, vocab_size, embedding=embedding, head=head, **lm_kwargs)
-    return LanguageModel(body, vocab_size, **lm_kwargs)
+            embedding, head = build_adaptive_from_config(adaptive, lm_kwargs, body, vocab_size, body_kwargs.get("init_std", 0.02))
+            if embedding is not None:
+                return LanguageModel(body, vocab_size, embedding=embedding, head=head, **lm_kwargs)
+        return LanguageModel(body, vocab_size, **lm_kwargs)

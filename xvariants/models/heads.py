@@ -12,10 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xvariants.constants import IGNORE_INDEX
 from xvariants.layers.hooks import HookPoint
 from xvariants.layers.positions import build_positions
-
-IGNORE_INDEX = -100
 
 
 class InputEmbedding(nn.Module):

@@ -8,9 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xvariants.config_errors import require
+from xvariants.constants import IGNORE_INDEX
 from xvariants.layers.init import init_gpt2
-from xvariants.models.contract import AuxOutput, Body, State
-from xvariants.models.heads import IGNORE_INDEX, InputEmbedding, LinearHead
+from xvariants.models.contract import AuxOutput, Body, BodyOutput, State
+from xvariants.models.heads import InputEmbedding, LinearHead
 
 
 @dataclass
@@ -62,6 +64,8 @@ class LanguageModel(nn.Module):
         head: nn.Module | None = None,
     ):
         super().__init__()
+        require(isinstance(max_len, int) and not isinstance(max_len, bool) and max_len >= 1, "max_len", f"must be >= 1, got {max_len}")
+        require(0.0 <= emb_dropout < 1.0, "emb_dropout", f"must be in [0, 1), got {emb_dropout}")
         if positions is None:
             positions = "none" if body.owns_positions else "learned"
         d = body.d_model
@@ -103,9 +107,7 @@ class LanguageModel(nn.Module):
         :param padding_mask: ``[B, T]`` True at padding.
         :param cache: decoding cache from ``body.new_cache()``.
         """
-        offset = cache.length if cache is not None else 0
-        h = self.embed(tokens, offset)
-        out = self.body(h, state, padding_mask=padding_mask, cache=cache, return_attention=return_attention)
+        out = self.hidden_states(tokens, state, padding_mask=padding_mask, cache=cache, return_attention=return_attention)
         result = LMOutput(hidden=out.hidden, state=out.state, aux=out.aux)
         if targets is not None:
             if targets.shape != tokens.shape:
@@ -119,6 +121,38 @@ class LanguageModel(nn.Module):
         if targets is None or return_logits:
             result.logits = self.head.logits(out.hidden)
         return result
+
+    def hidden_states(
+        self,
+        tokens: torch.Tensor,
+        state: State | None = None,
+        *,
+        padding_mask: torch.Tensor | None = None,
+        cache=None,
+        return_attention: bool = False,
+    ) -> BodyOutput:
+        """``embedding -> body`` without the head: the body's ``hidden`` ``[B, T, D]``, ``state``
+        and ``aux``. Arguments as for :meth:`forward`; a cache continues at its length."""
+        offset = cache.length if cache is not None else 0
+        h = self.embed(tokens, offset)
+        return self.body(h, state, padding_mask=padding_mask, cache=cache, return_attention=return_attention)
+
+    def nll_at(
+        self,
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        cols: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-token NLL (nats) of ``targets`` given ``hidden`` from :meth:`hidden_states`.
+
+        With ``rows``/``cols`` only the positions ``[rows, cols]`` are scored (a 1-D result in
+        their order), and the head forms logits only there: evaluation that scores a few
+        positions of long windows does not pay for the full ``[B, T, V]`` logits.
+        """
+        if rows is None and cols is None:
+            return self.head.nll(hidden, targets)
+        return self.head.nll(hidden[rows, cols][None], targets[rows, cols][None])[0]
 
     @torch.no_grad()
     def generate(

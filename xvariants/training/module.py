@@ -19,12 +19,10 @@ import lightning as L
 import torch
 
 from xvariants.config_errors import ConfigError
+from xvariants.constants import BIT_UNITS, IGNORE_INDEX
 from xvariants.models import build_language_model, detach_state, map_state
 from xvariants.models.contract import AuxOutput
 from xvariants.training.optim import build_optimizer
-
-#: units whose per-token loss in bits is a standard figure (bits per byte / character)
-BIT_UNITS = {"byte": "bits per byte", "char": "bits per character"}
 
 
 class LMTask(L.LightningModule):
@@ -187,7 +185,7 @@ class LMTask(L.LightningModule):
         self._eval_epoch_end("test")
 
     def _log_accuracy(self, prefix: str, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        scored = targets != -100
+        scored = targets != IGNORE_INDEX
         hit = (logits.argmax(-1) == targets) & scored
         self.log(f"{prefix}/acc_token", hit.sum() / scored.sum().clamp(min=1), sync_dist=prefix != "train")
         rows = scored.any(-1)

@@ -16,10 +16,21 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from xvariants.baselines import nats_to_bits, unigram_cross_entropy
 from xvariants.config_errors import ConfigError, require
-from xvariants.evaluation.baselines import nats_to_bits, unigram_cross_entropy
-from xvariants.training.checkpoint import AtomicCheckpointIO, CheckpointError, safe_load
-from xvariants.training.module import BIT_UNITS, LMTask
+from xvariants.constants import BIT_UNITS
+from xvariants.loading import (
+    HYPER_PARAMETERS,
+    STATE_DICT,
+    CheckpointError,
+    build_datamodule,
+    checkpoint_hparams,
+    instantiate_group,
+    load_weights,
+    safe_load,
+)
+from xvariants.training.checkpoint import AtomicCheckpointIO
+from xvariants.training.module import LMTask
 from xvariants.training.validate import validate_train_config
 
 log = logging.getLogger("xvariants")
@@ -32,22 +43,6 @@ warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 def _plain(cfg: DictConfig | dict) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-
-
-def instantiate_group(group: dict | None) -> list:
-    """Instantiate every entry of a callbacks/logger group that has a ``_target_``."""
-    objs = []
-    for name, conf in (group or {}).items():
-        if isinstance(conf, dict) and "_target_" in conf:
-            objs.append(hydra.utils.instantiate(conf))
-    return objs
-
-
-def build_datamodule(data: dict, tokenizer_state: dict | None = None):
-    data = dict(data)
-    if tokenizer_state is not None:
-        data["tokenizer_state"] = tokenizer_state
-    return hydra.utils.instantiate(data, _convert_="all")
 
 
 def validation_lengths(eval_cfg: dict | None) -> dict | None:
@@ -66,7 +61,7 @@ def validation_lengths(eval_cfg: dict | None) -> dict | None:
 
 def check_resume_compatible(ckpt: dict, model_cfg: dict, vocab_size: int, path: str) -> None:
     """Refuse a checkpoint trained with another model or vocabulary, naming what differs."""
-    hp = ckpt.get("hyper_parameters") or {}
+    hp = ckpt.get(HYPER_PARAMETERS) or {}
     if "model" not in hp:
         raise CheckpointError(f"{path} was not written by xvariants (no model config in its hyper-parameters)")
     if hp.get("vocab_size") != vocab_size:
@@ -88,7 +83,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt = None
     if plain.get("ckpt_path"):
         ckpt = safe_load(plain["ckpt_path"])
-    tok_state = (ckpt or {}).get("hyper_parameters", {}).get("tokenizer_state")
+    tok_state = (ckpt or {}).get(HYPER_PARAMETERS, {}).get("tokenizer_state")
     dm = build_datamodule(plain["data"], tok_state)
     dm.setup("fit")
     if ckpt is not None:
@@ -175,15 +170,8 @@ def _sample(task: LMTask, dm, n: int) -> str:
 def load_task(ckpt_path: str) -> tuple[LMTask, dict]:
     """Rebuild an :class:`LMTask` from a checkpoint without Hydra (``weights_only`` load)."""
     ckpt = safe_load(ckpt_path)
-    hp = ckpt.get("hyper_parameters") or {}
-    if "model" not in hp or "vocab_size" not in hp:
-        raise CheckpointError(f"{ckpt_path} was not written by xvariants (no model config in its hyper-parameters)")
-    task = LMTask(**hp)
-    missing, unexpected = task.load_state_dict(ckpt["state_dict"], strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{ckpt_path}: weights do not match the model it describes (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
+    task = LMTask(**checkpoint_hparams(ckpt, ckpt_path))
+    load_weights(task, ckpt[STATE_DICT], ckpt_path)
     return task, ckpt
 
 

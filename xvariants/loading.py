@@ -1,0 +1,128 @@
+"""Rebuild what a run saved or a config names, for training, evaluation and interpretation
+alike (they import this module, never each other): checkpoints loaded without unpickling code
+and saved atomically, the model a checkpoint describes, the datamodule of a data config, the
+callbacks/loggers of a config group."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from xvariants.models.build import build_language_model
+from xvariants.models.lm import LanguageModel
+
+#: keys of a Lightning checkpoint that xvariants reads
+STATE_DICT = "state_dict"
+HYPER_PARAMETERS = "hyper_parameters"
+#: where the training module keeps its :class:`~xvariants.models.lm.LanguageModel`
+MODEL_PREFIX = "model."
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unsafe, corrupt, or not an xvariants checkpoint."""
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``:
+    an interrupted save leaves the previous checkpoint intact, never a truncated one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """``torch.load(weights_only=True)`` with messages a user can act on.
+
+    A file that needs arbitrary unpickling (a pickle payload, custom classes) is refused
+    before any of its code runs.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint path is a folder, expected a .ckpt file: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to load {path}: it holds objects that only full unpickling could restore "
+            f"(possibly code); xvariants loads checkpoints with weights_only=True. Detail: {str(e).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    if not isinstance(ckpt, dict) or STATE_DICT not in ckpt:
+        raise CheckpointError(f"{path} is not an xvariants/Lightning checkpoint (no state_dict)")
+    return ckpt
+
+
+def checkpoint_hparams(ckpt: dict, path: str | os.PathLike) -> dict:
+    """The hyper-parameters an xvariants training run stored (model config, vocabulary, data...)."""
+    hp = ckpt.get(HYPER_PARAMETERS) or {}
+    if "model" not in hp or "vocab_size" not in hp:
+        raise CheckpointError(f"{path} was not written by xvariants (no model config in its hyper-parameters)")
+    return dict(hp)
+
+
+def load_weights(module: nn.Module, state_dict: dict, path: str | os.PathLike, prefix: str = "") -> None:
+    """Load ``state_dict`` into ``module``, which holds the entries under ``prefix``; any missing
+    or extra entry is an error naming the first of them (with the checkpoint's key names)."""
+    own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    missing, unexpected = module.load_state_dict(own, strict=False)
+    missing = [prefix + k for k in missing]
+    unexpected = [prefix + k for k in unexpected] + [k for k in state_dict if not k.startswith(prefix)]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not match the model it describes (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+
+
+def load_model(path: str | os.PathLike) -> tuple[LanguageModel, dict]:
+    """``(LanguageModel, hyper-parameters)`` of a training checkpoint, without Lightning or Hydra."""
+    ckpt = safe_load(path)
+    hp = checkpoint_hparams(ckpt, path)
+    model = build_language_model(dict(hp["model"]), hp["vocab_size"])
+    load_weights(model, ckpt[STATE_DICT], path, prefix=MODEL_PREFIX)
+    return model, hp
+
+
+def build_datamodule(data: dict, tokenizer_state: dict | None = None):
+    """Instantiate a data config (``_target_``), restoring a checkpoint's tokenizer when given.
+    The datamodule checks its own arguments; their errors come out as raised (naming the
+    field), not wrapped in Hydra's ``InstantiationException``."""
+    import hydra
+    from hydra.errors import InstantiationException
+
+    from xvariants.config_errors import ConfigError, DataError
+
+    data = dict(data)
+    if tokenizer_state is not None:
+        data["tokenizer_state"] = tokenizer_state
+    try:
+        return hydra.utils.instantiate(data, _convert_="all")
+    except InstantiationException as e:
+        if isinstance(e.__cause__, (ConfigError, DataError)):
+            raise e.__cause__ from None
+        raise
+
+
+def instantiate_group(group: dict | None) -> list:
+    """Instantiate every entry of a callbacks/logger group that has a ``_target_``."""
+    import hydra
+
+    return [hydra.utils.instantiate(conf) for conf in (group or {}).values() if isinstance(conf, dict) and "_target_" in conf]
