@@ -158,7 +158,7 @@ def test_a_short_last_segment_asks_the_body_whether_the_clamp_applies(body):
     model, s = tiny(body, **kw), streams(L=38)  # 37 targets: segments of 5, the last of 2
     off = evaluate_tokens(model, s, 5 + 11, tgt_len=5, clamp_len=-1)
     asked, b = [], model.body
-    # the body's capability (SegmentLengths.clamp_unused), recorded
+    # the body's capability (SegmentMemoryBody.clamp_unused), recorded
     b.clamp_unused = lambda T: asked.append(T) or (b.clamp_len > 0 and b.clamp_len >= b.mem_len + T)
     # clamp 15 = the longest distance of a full segment: never changes a score; the last
     # segment (2 tokens) cannot reach it at all, and the xl body refuses such a clamp

@@ -117,12 +117,8 @@ def _segment_clamp(body, seg_len: int):
     """Clamp off for a segment too short for any distance to reach ``clamp_len`` (the last
     segment of a stream): the result is the same, and the xl bodies refuse such a clamp because
     in a training config it is a mistake. The body says when that is (``clamp_unused``)."""
-    if not hasattr(body, "lengths"):
-        return contextlib.nullcontext()
     unused = getattr(body, "clamp_unused", None)
-    if unused is None:  # TODO(issue 10 merge): SegmentLengths.clamp_unused replaces this copy of its rule
-        unused = lambda T: body.clamp_len > 0 and body.clamp_len >= body.mem_len + T  # noqa: E731
-    return body.lengths(clamp_len=-1) if unused(seg_len) else contextlib.nullcontext()
+    return body.lengths(clamp_len=-1) if unused is not None and unused(seg_len) else contextlib.nullcontext()
 
 
 def _context_limit(model) -> int | None:

@@ -277,6 +277,12 @@ class SegmentMemory:
             self._mem_len, self._clamp_len, self._same_length = old
 
     # ------------------------------------------------------------------ segments
+    def clamp_unused(self, seg_len: int) -> bool:
+        """``clamp_len`` is on, but no distance in a ``seg_len`` segment after ``mem_len`` memory
+        reaches it: in a training config a mistake (refused by :meth:`begin`); evaluation turns
+        the clamp off for such a short last segment, which gives the same result."""
+        return self.clamp_len > 0 and self.clamp_len >= self.mem_len + seg_len
+
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
         """Empty memories: ``n_tensors`` tensors ``[batch_size, 0, d_model]``."""
         return init_memory(self.n_tensors, batch_size, self.d_model, device=device, dtype=dtype)
@@ -299,7 +305,7 @@ class SegmentMemory:
         """
         B, T, _ = x.shape
         require(not self.same_length or self.mem_len >= 1, "same_length", SAME_LENGTH_NEEDS_MEMORY)
-        if self.clamp_len > 0 and self.clamp_len >= self.mem_len + T:
+        if self.clamp_unused(T):
             raise ConfigError(
                 "clamp_len",
                 f"clamp_len={self.clamp_len} never clamps: the longest distance with mem_len={self.mem_len} and "

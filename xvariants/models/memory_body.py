@@ -54,6 +54,10 @@ class SegmentMemoryBody(Body):
                 restore.enter_context(self.memory.lengths(mem_len, clamp_len, same_length))
             yield self
 
+    def clamp_unused(self, seg_len: int) -> bool:
+        """See :meth:`SegmentMemory.clamp_unused <xvariants.layers.memory.SegmentMemory.clamp_unused>`."""
+        return self.memory.clamp_unused(seg_len)
+
     @property
     def memory_kv_cache(self) -> bool:
         """Without gradients keep the memory's keys/values (and ``W_R R``) between calls;
