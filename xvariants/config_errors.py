@@ -44,6 +44,26 @@ def require(condition: bool, field: str, problem: str, allowed: Iterable | str |
         raise ConfigError(field, problem, allowed)
 
 
+def check_positive_int(value, field: str) -> int:
+    """``value`` must be an int > 0 (bools refused)."""
+    require(
+        isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        field,
+        f"must be a positive integer, got {value!r}",
+    )
+    return value
+
+
+def check_probability(value, field: str) -> float:
+    """A dropout rate: a number in [0, 1)."""
+    require(
+        isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0,
+        field,
+        f"must be in [0, 1), got {value!r}",
+    )
+    return float(value)
+
+
 class DataError(ValueError):
     """The data a run points at cannot be used (bad data option, empty or corrupt corpus,
     checksum mismatch, split too short). The message names the field or the file."""

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xvariants.config_errors import ConfigError, check_positive_int, check_probability
 from xvariants.layers.hooks import HookPoint
 from xvariants.layers.rotary import RotaryEmbedding
 
@@ -104,9 +105,10 @@ class MultiHeadAttention(nn.Module):
         self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True, rotary: RotaryEmbedding | None = None
     ):
         super().__init__()
+        check_positive_int(d_model, "d_model")
+        check_positive_int(n_heads, "n_heads")
+        check_probability(dropout, "attn_dropout")
         if d_model % n_heads:
-            from xvariants.config_errors import ConfigError
-
             raise ConfigError(
                 "n_heads", f"d_model={d_model} is not divisible by n_heads={n_heads}", "divisors of d_model"
             )

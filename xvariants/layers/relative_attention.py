@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xvariants.config_errors import ConfigError, check_positive_int, check_probability
 from xvariants.layers.hooks import HookPoint
 from xvariants.layers.positions import sinusoid_table
 
@@ -145,14 +146,16 @@ class RelativeMultiHeadAttention(nn.Module):
         own_biases: bool = False,
     ):
         super().__init__()
+        check_positive_int(d_model, "d_model")
+        check_positive_int(n_heads, "n_heads")
+        check_probability(dropout, "attn_dropout")
         if d_head is None:
             if d_model % n_heads:
-                from xvariants.config_errors import ConfigError
-
                 raise ConfigError(
                     "n_heads", f"d_model={d_model} is not divisible by n_heads={n_heads}; set d_head", "divisors of d_model"
                 )
             d_head = d_model // n_heads
+        check_positive_int(d_head, "d_head")
         self.d_model, self.n_heads, self.d_head = d_model, n_heads, d_head
         self.dropout = dropout
         inner = n_heads * d_head

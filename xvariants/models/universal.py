@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from xvariants.config_errors import config_scope, require
+from xvariants.config_errors import check_positive_int, config_scope, require
 from xvariants.layers.attention import DecodingCache
 from xvariants.layers.block import TransformerBlock
 from xvariants.layers.halting import AdaptiveHalting, resolve_step_options, run_steps, running_rows
@@ -101,7 +101,7 @@ class UniversalBody(Body):
         signal_scale: float | None = None,
     ):
         super().__init__()
-        require(d_model >= 1, "model.d_model", f"must be >= 1, got {d_model}")
+        check_positive_int(d_model, "model.d_model")
         require(0.0 <= dropout < 1.0, "model.dropout", f"must be in [0, 1), got {dropout}")
         require(step_signal in SIGNALS, "model.step_signal", f"unknown signal {step_signal!r}", SIGNALS)
         require(position_signal in SIGNALS, "model.position_signal", f"unknown signal {position_signal!r}", SIGNALS)
@@ -134,7 +134,7 @@ class UniversalBody(Body):
         self.block = TransformerBlock(
             d_model,
             n_heads,
-            d_ff or 4 * d_model,
+            4 * d_model if d_ff is None else d_ff,
             dropout=dropout,
             attn_dropout=dropout if attn_dropout is None else attn_dropout,
             norm_first=norm_first,

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from xvariants.config_errors import ConfigError, config_scope, require
+from xvariants.config_errors import ConfigError, check_positive_int, config_scope, require
 from xvariants.layers.halting import AdaptiveHalting, resolve_step_options, run_steps, running_rows
 from xvariants.layers.hooks import HookPoint
 from xvariants.layers.memory import SegmentMemory
@@ -102,6 +102,7 @@ class UniversalXLBody(SegmentMemoryBody):
             raise ConfigError(
                 "model.causal", "the universal_xl body is a decoder: segment memory and relative attention are causal", ["true"]
             )
+        check_positive_int(n_heads, "model.n_heads")
         if d_head is None:
             require(d_model % n_heads == 0, "model.n_heads", f"d_model={d_model} is not divisible by n_heads={n_heads}")
             d_head = d_model // n_heads
@@ -131,7 +132,7 @@ class UniversalXLBody(SegmentMemoryBody):
             d_model,
             n_heads,
             d_head,
-            d_ff or 4 * d_model,
+            4 * d_model if d_ff is None else d_ff,
             dropout=dropout,
             attn_dropout=attn_dropout,
             norm_first=norm_first,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from xvariants.config_errors import config_scope, require
+from xvariants.config_errors import check_positive_int, config_scope, require
 from xvariants.layers.attention import DecodingCache
 from xvariants.layers.block import TransformerBlock
 from xvariants.layers.init import init_gpt2
@@ -54,8 +54,9 @@ class VanillaBody(Body):
         rotary_fraction: float = 1.0,
     ):
         super().__init__()
-        require(n_layers >= 1, "model.n_layers", f"must be >= 1, got {n_layers}")
-        require(d_model >= 1, "model.d_model", f"must be >= 1, got {d_model}")
+        check_positive_int(n_layers, "n_layers")
+        check_positive_int(d_model, "d_model")
+        check_positive_int(n_heads, "n_heads")
         require(0.0 <= dropout < 1.0, "model.dropout", f"must be in [0, 1), got {dropout}")
         require(rotary_base > 1.0, "model.rotary_base", f"must be > 1, got {rotary_base}")
         require(0.0 < rotary_fraction <= 1.0, "model.rotary_fraction", f"must be in (0, 1], got {rotary_fraction}")
@@ -71,7 +72,7 @@ class VanillaBody(Body):
             TransformerBlock(
                 d_model,
                 n_heads,
-                d_ff or 4 * d_model,
+                4 * d_model if d_ff is None else d_ff,
                 dropout=dropout,
                 attn_dropout=dropout if attn_dropout is None else attn_dropout,
                 norm_first=norm_first,

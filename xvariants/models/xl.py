@@ -165,7 +165,7 @@ class XLBody(SegmentMemoryBody):
             self.r_r_bias = nn.Parameter(torch.zeros(n_heads, d_head))
         self.blocks = nn.ModuleList(
             XLLayer(
-                d_model, n_heads, d_head, d_ff or 4 * d_model,
+                d_model, n_heads, d_head, 4 * d_model if d_ff is None else d_ff,
                 dropout=dropout, attn_dropout=attn_dropout, norm_first=norm_first, own_biases=untie_r,
                 layer_norm_eps=layer_norm_eps,
             )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -24,10 +23,6 @@ from xvariants.training.optim import validate_optim
 #: what ``max_len`` is when the model config does not set it
 _LM_MAX_LEN = inspect.signature(LanguageModel).parameters["max_len"].default
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
-
-
-def _positive_int(value: Any, field: str) -> None:
-    require(isinstance(value, int) and not isinstance(value, bool) and value > 0, field, f"must be a positive integer, got {value!r}")
 
 
 def validate_data(data: dict, tokenizer: dict | None) -> None:
@@ -53,7 +48,6 @@ def validate_model(model: dict, data: dict) -> None:
     The adaptive embedding/softmax options need the vocabulary: they are checked when the
     model is built for real."""
     name, lm_kwargs, body_kwargs = split_model_config(model)
-    _checks_the_constructors_lack(body_kwargs)
     with torch.device("meta"), config_scope("model."):
         body = build_body(name, **body_kwargs)
         LanguageModel(body, 1, **{k: v for k, v in lm_kwargs.items() if k not in ADAPTIVE_KEYS})
@@ -71,22 +65,6 @@ def validate_model(model: dict, data: dict) -> None:
             f"the {name!r} body carries memory across batches, which needs consecutive text",
             ["ordered"],
         )
-
-
-def _checks_the_constructors_lack(body_kwargs: dict) -> None:
-    """TODO(issue 10 merge): ``MultiHeadAttention`` / ``RelativeMultiHeadAttention`` should check
-    ``n_heads >= 1``, and the vanilla/universal bodies ``d_model`` (an int), ``attn_dropout`` and
-    ``d_ff`` (0 is taken as "default" there), as the xl bodies do; until then a bad value here
-    would surface as a ZeroDivisionError or pass silently."""
-    d_model, n_heads = body_kwargs.get("d_model"), body_kwargs.get("n_heads")
-    _positive_int(d_model, "model.d_model")
-    if n_heads is not None:
-        _positive_int(n_heads, "model.n_heads")
-    if body_kwargs.get("d_ff") is not None:
-        _positive_int(body_kwargs["d_ff"], "model.d_ff")
-    if body_kwargs.get("attn_dropout") is not None:
-        value = body_kwargs["attn_dropout"]
-        require(0.0 <= value < 1.0, "model.attn_dropout", f"must be in [0, 1), got {value}")
 
 
 def validate_trainer(trainer: dict) -> None:
