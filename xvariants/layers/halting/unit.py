@@ -123,7 +123,7 @@ class AdaptiveHalting(nn.Module):
     :param halting_logit_scale: the logit is ``halting_logit_scale * (w . s) + b``. Adam moves
         every weight by about the learning rate per step, all in a consistent direction, so the
         ``w . s`` term of a ``d``-wide unit moves ~``d`` times faster than the bias; a scale of
-        ``1 / sqrt(d)`` (the bodies' default) slows that path down to width-independent speed.
+        ``1 / sqrt(d)`` slows that path down to width-independent speed (the bodies default to 1).
     """
 
     def __init__(
