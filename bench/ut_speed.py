@@ -150,21 +150,21 @@ def synthetic_rows(args, dev) -> list[dict]:
 
 def checkpoint_rows(args, dev) -> tuple[list[dict], str]:
     """A trained UT+ACT checkpoint on windows of its own validation text: real halting."""
-    from xvariants.training.run import build_datamodule, load_task
+    from xvariants.loading import build_datamodule, load_model
 
-    task, _ = load_task(args.ckpt)
-    body = task.model.body
+    model, hp = load_model(args.ckpt)
+    body = model.body
     if not getattr(body, "act", False) or body.__class__.__name__ != "UniversalBody":
         raise SystemExit(f"--ckpt needs a checkpoint of body 'universal' with act=true, got {body.__class__.__name__}")
-    dm = build_datamodule(dict(task.hparams.data), task.hparams.tokenizer_state)
+    dm = build_datamodule(dict(hp["data"]), hp.get("tokenizer_state"))
     dm.setup("validate")
     valid = torch.as_tensor(dm.tokens("valid")[: args.batch * args.seq_len].astype("int64"))
     if valid.numel() < args.batch * args.seq_len:
         raise SystemExit(f"the validation split has only {valid.numel()} tokens, fewer than --batch x --seq-len")
-    model = task.model.to(dev).eval()
+    model = model.to(dev).eval()
     with torch.no_grad():
         h = model.embed(valid.view(args.batch, args.seq_len).to(dev))
-    cfg = {k: v for k, v in task.hparams.model.items()}
+    cfg = dict(hp["model"])
     M = body.n_steps
     shape = dict(
         d_model=body.d_model, n_heads=body.block.attn.n_heads, d_ff=body.block.mlp.fc1.out_features,
