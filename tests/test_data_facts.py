@@ -4,12 +4,12 @@ CounterFact records, the corpus files and mixing, and a few training steps on da
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from xvariants.config_errors import ConfigError, DataError
-from xvariants.data.corpora import load_corpus
-from xvariants.data.corpora import fetch
+from xvariants.data.corpora import fetch, load_corpus
 from xvariants.data.facts import RELATIONS, generate, prompt_of
 from xvariants.data.facts.factset import sentence_of
 from xvariants.data.spans import find_subject
@@ -128,9 +128,11 @@ def test_bad_settings_name_their_field(tmp_path):
 def test_corpus_writes_its_files_and_is_multi_token_under_each_tokenizer(tmp_path, facts):
     corpus = load_corpus("facts", **SMALL, mix="none", out_dir=tmp_path / "out")
     files = corpus.meta["facts_files"]
-    assert json.loads(open(files["known_facts"], encoding="utf-8").read()) == facts.known
-    assert json.loads(open(files["counterfact"], encoding="utf-8").read()) == facts.counterfact
-    assert json.loads(open(files["facts"], encoding="utf-8").read())["subjects"] == facts.subjects
+    def read(name):
+        return json.loads(Path(files[name]).read_text(encoding="utf-8"))
+
+    assert read("known_facts") == facts.known and read("counterfact") == facts.counterfact
+    assert read("facts")["subjects"] == facts.subjects
     assert corpus.train == "".join(p + "\n" for p in facts.paragraphs["train"])
     assert corpus.meta["mix"] == "none" and corpus.meta["n_facts"] == len(facts.facts)
     for tok in (WordTokenizer.train(corpus.train), CharTokenizer.train(corpus.train),

@@ -159,7 +159,7 @@ def test_find_subject_takes_the_first_occurrence(tokenizers):
 def test_a_span_that_cuts_a_token_is_refused_naming_the_token(tokenizers, kind):
     tok = tokenizers[kind]
     text = ASCII
-    ids, offsets = encode_with_offsets(tok, text)
+    _, offsets = encode_with_offsets(tok, text)
     i = next(i for i, (a, b) in enumerate(offsets.tolist()) if len(text[a:b].strip()) >= 3)
     a, b = offsets[i].tolist()
     a += len(text[a:b]) - len(text[a:b].lstrip())
@@ -234,7 +234,7 @@ def _gpt2_style(bpe: BPETokenizer, trim: bool):
 def test_hugging_face_tokenizers_map_spans_with_their_offsets(tokenizers, trim):
     hf = _gpt2_style(tokenizers["bpe"], trim)
     text = ASCII + NON_ASCII
-    ids, offsets = encode_with_offsets(hf, text)
+    ids, _ = encode_with_offsets(hf, text)
     assert ids.tolist() == hf.encode(text).ids
     start, end = find_subject(hf, text, "Zoë Ångström")
     assert hf.decode(ids[start:end].tolist()).strip() == "Zoë Ångström"
