@@ -12,7 +12,7 @@ from xvariants.config_errors import ConfigError, DataError
 from xvariants.data.corpora import fetch, load_corpus
 from xvariants.data.facts import RELATIONS, generate, prompt_of
 from xvariants.data.facts.factset import sentence_of
-from xvariants.data.spans import find_subject
+from xvariants.data.spans import encode_fact, find_subject
 from xvariants.data.tokenizers import BPETokenizer, CharTokenizer, WordTokenizer
 
 SMALL = {"seed": 3, "n_subjects": 12, "mentions": 3}
@@ -144,7 +144,10 @@ def test_corpus_writes_its_files_and_is_multi_token_under_each_tokenizer(tmp_pat
     for f in facts.facts:  # each answer is one known word (then the line's <eos>)
         ids = word.encode(f.object)
         assert len(ids) == 2 and word.unk_id not in ids
-    assert all(word.unk_id not in word.encode(e["prompt"]) for e in facts.known)
+    for entry in facts.known:  # what a trace reads: two subject tokens, the answer word's id
+        fact = encode_fact(word, entry["prompt"], entry["subject"], entry["answer"])
+        assert fact.answer_id == word.encode(entry["answer"])[0] and fact.subject[1] - fact.subject[0] == 2
+        assert word.unk_id not in fact.ids
 
 
 def test_mix_auto_takes_the_first_real_corpus_found(tmp_path, no_local_corpora):
