@@ -29,6 +29,11 @@ _EXPORTS = {
     "OrderedSampler": "batching",
     "EpochSampler": "batching",
     "LMDataModule": "datamodule",
+    "SpanError": "spans",
+    "encode_with_offsets": "spans",
+    "token_span": "spans",
+    "find_subject": "spans",
+    "encode_fact": "spans",
 }
 
 

@@ -334,6 +334,11 @@ class BPETokenizer(Tokenizer):
         return text
 
     @property
+    def hf_tokenizer(self) -> Any:
+        """The ``tokenizers.Tokenizer`` underneath (its encodings carry character offsets)."""
+        return self._hf
+
+    @property
     def vocab_size(self) -> int:
         return int(self._hf.get_vocab_size())
 

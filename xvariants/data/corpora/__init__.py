@@ -1,9 +1,10 @@
 """Language-modelling corpora: ``load_corpus(name, ...)`` returns a ``Corpus`` of three text splits.
 
 Sources: ``stdlib`` (the default, no download), ``text`` (the user's files),
-and the standard benchmarks ``shakespeare``, ``ptb``, ``wikitext2``,
+the standard benchmarks ``shakespeare``, ``ptb``, ``wikitext2``,
 ``wikitext103``, ``enwik8``, ``text8``, found locally (see ``fetch``) or
-downloaded from their canonical addresses.
+downloaded from their canonical addresses, and ``facts`` (generated known facts
+mixed with real text, see ``facts``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from xvariants.config_errors import DataError
 
 from pathlib import Path
+from typing import Any
 
 from .base import (
     ChecksumError,
@@ -20,6 +22,7 @@ from .base import (
     Split,
     check_split,
 )
+from .facts import FACTS_OPTIONS, load_facts
 from .hutter import load_hutter
 from .ptb import load_ptb
 from .shakespeare import load_shakespeare
@@ -27,7 +30,7 @@ from .stdlib import load_stdlib
 from .text import load_text
 from .wikitext import load_wikitext
 
-CORPUS_NAMES = ("stdlib", "text", "shakespeare", "ptb", "wikitext2", "wikitext103", "enwik8", "text8")
+CORPUS_NAMES = ("stdlib", "text", "shakespeare", "ptb", "wikitext2", "wikitext103", "enwik8", "text8", "facts")
 
 DEFAULT_SPLITS: dict[str, Split] = {
     "stdlib": (0.9, 0.05, 0.05),
@@ -48,6 +51,7 @@ _ACCEPTS = {
     "wikitext103": {"path", "train_file", "valid_file", "test_file"},
     "enwik8": {"path", "split"},
     "text8": {"path", "split"},
+    "facts": set(FACTS_OPTIONS),
 }
 
 
@@ -66,6 +70,7 @@ def load_corpus(
     test_file: str | Path | None = None,
     split: Split | list[float] | None = None,
     download: bool = True,
+    **options: Any,
 ) -> Corpus:
     """Load corpus ``name`` as train / valid / test text.
 
@@ -74,7 +79,8 @@ def load_corpus(
     A 2-tuple or a zero test fraction makes the test split the validation split.
     ``path`` is the file or folder for ``text`` and, optionally, where a
     benchmark's files are; ``*_file`` name split files explicitly. ``data_dir``
-    and ``download`` steer the lookup and download of benchmarks.
+    and ``download`` steer the lookup and download of benchmarks. ``options``
+    are the settings of the generated ``facts`` corpus (``corpora.facts.load_facts``).
     """
     check_corpus_name(name)
     given = {
@@ -83,8 +89,9 @@ def load_corpus(
         "valid_file": valid_file,
         "test_file": test_file,
         "split": split,
+        **options,
     }
-    unused = sorted(k for k, v in given.items() if v is not None and k not in _ACCEPTS[name])
+    unused = sorted(k for k, v in given.items() if (v is not None or k in options) and k not in _ACCEPTS[name])
     if unused:
         raise DataError(
             f"corpus.{unused[0]} does not apply to the {name!r} corpus "
@@ -92,6 +99,8 @@ def load_corpus(
         )
     fractions = check_split(split) if split is not None else DEFAULT_SPLITS.get(name, ())
     files = {"train": train_file, "valid": valid_file, "test": test_file}
+    if name == "facts":
+        return load_facts(data_dir=data_dir, **options)
     if name == "stdlib":
         return load_stdlib(fractions)
     if name == "text":
