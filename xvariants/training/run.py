@@ -117,7 +117,7 @@ def _unknown_share(dm) -> str:
         return ""
     train = dm.tokens("train")
     share = float((train == unk).mean()) if len(train) else 0.0
-    return f" ({share:.1%} of it is outside the checkpoint's vocabulary, <unk>)" if share else ""
+    return f" ({share:.1%} of its training text is outside the checkpoint's vocabulary: <unk>)" if share else ""
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
