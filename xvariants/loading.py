@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,16 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unsafe, corrupt, or not an xvariants checkpoint."""
 
 
+#: names of :func:`atomic_torch_save`'s temporary files: ``.<target name>.<mkstemp's 8 random
+#: characters>.tmp`` (e.g. ``.last.ckpt.k3j_x9a2.tmp``)
+ATOMIC_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over ``path``:
-    an interrupted save leaves the previous checkpoint intact, never a truncated one."""
+    an interrupted save leaves the previous checkpoint intact, never a truncated one.
+    A process killed outright (``kill -9``) leaves its temporary file behind:
+    :func:`remove_stale_temp_files` removes it on the next start."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -44,6 +52,22 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that interrupted :func:`atomic_torch_save` calls left in
+    ``folder`` (not its subfolders), and nothing else; returns what was removed.
+
+    Call it before this run saves anything into ``folder``: a save in progress has a
+    temporary file of the same form.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if ATOMIC_TEMP_NAME.fullmatch(p.name) and p.is_file() and not p.is_symlink()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> dict:

@@ -18,6 +18,8 @@ from .corpora import check_corpus_name, load_corpus
 from .tokenizers import Tokenizer, check_tokenizer_options, tokenizer_from_dict
 
 SPLITS = ("train", "valid", "test")
+#: key of ``meta`` holding the sha256 of each split's text (the token cache's ``text_sha256``)
+CORPUS_FINGERPRINT = "text_sha256"
 BATCHING = ("ordered", "random")
 
 
@@ -111,6 +113,8 @@ class LMDataModule(L.LightningDataModule):
         """Make ``tokenizer``, ``vocab_size``, ``unit``, ``meta`` and ``tokens()`` available.
 
         Idempotent: calls after the first return at once. Needs no trainer.
+        ``meta[CORPUS_FINGERPRINT]`` holds the sha256 of each split's text: checkpoints carry
+        it, and a resume on another corpus is refused by it (``xvariants.training.run``).
         """
         self._prepare()
 
@@ -118,15 +122,15 @@ class LMDataModule(L.LightningDataModule):
         if self.tokenizer is not None:
             return
         corpus = load_corpus(**self.corpus_config)
-        train_digest = text_digest(corpus.train)
-        tokenizer = self._restore_or_build_tokenizer(corpus.train, train_digest)
+        digests = {split: text_digest(corpus.split(split)) for split in SPLITS}
+        tokenizer = self._restore_or_build_tokenizer(corpus.train, digests["train"])
         tokens = {}
         for split in SPLITS:
-            digest = train_digest if split == "train" else None
-            tokens[split] = encode_cached(corpus.split(split), tokenizer, self.cache_dir, digest=digest)
+            tokens[split] = encode_cached(corpus.split(split), tokenizer, self.cache_dir, digest=digests[split])
         self.meta = {
             **corpus.meta,
             "corpus": corpus.name,
+            CORPUS_FINGERPRINT: digests,
             "tokenizer": tokenizer.to_dict()["name"],
             "vocab_size": tokenizer.vocab_size,
             "unit": tokenizer.unit,

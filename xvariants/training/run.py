@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from xvariants.baselines import nats_to_bits, unigram_cross_entropy
 from xvariants.config_errors import ConfigError, require
 from xvariants.constants import BIT_UNITS
+from xvariants.data.datamodule import CORPUS_FINGERPRINT
 from xvariants.loading import (
     HYPER_PARAMETERS,
     STATE_DICT,
@@ -31,6 +32,7 @@ from xvariants.loading import (
 )
 from xvariants.training.checkpoint import AtomicCheckpointIO
 from xvariants.training.module import LMTask
+from xvariants.training.records import write_run_file
 from xvariants.training.validate import validate_train_config
 
 log = logging.getLogger("xvariants")
@@ -72,6 +74,52 @@ def check_resume_compatible(ckpt: dict, model_cfg: dict, vocab_size: int, path: 
         raise CheckpointError(f"{path} was trained with a different model ({detail})")
 
 
+def _describe_corpus(meta: dict) -> str:
+    where = meta.get("path") or (meta.get("files") or {}).get("train")
+    return f"{meta.get('corpus', '?')} ({where})" if where else str(meta.get("corpus", "?"))
+
+
+def check_resume_data(ckpt: dict, dm, path: str, allow_new: bool) -> None:
+    """Refuse a checkpoint trained on another corpus (its recorded fingerprint, the sha256 of
+    each split's text), unless ``resume_on_new_data`` allows it: the checkpoint's vocabulary,
+    data position and memory belong to the text it was trained on."""
+    require(isinstance(allow_new, bool), "resume_on_new_data", f"must be true or false, got {allow_new!r}")
+    now = (getattr(dm, "meta", None) or {}).get(CORPUS_FINGERPRINT)
+    if now is None:  # generated data (synthetic tasks): no corpus to compare
+        return
+    then_meta = (ckpt.get(HYPER_PARAMETERS) or {}).get("data_meta") or {}
+    then = then_meta.get(CORPUS_FINGERPRINT)
+    if then is None:
+        warnings.warn(
+            f"{path} records no corpus fingerprint (written before xvariants recorded one): "
+            "cannot check that data is the corpus it was trained on"
+        )
+        return
+    if then == now:
+        return
+    differ = "/".join(s for s in now if then.get(s) != now[s])
+    what = (
+        f"corpus {_describe_corpus(dm.meta)} is not the one {path} was trained on, "
+        f"{_describe_corpus(then_meta)}: its {differ} text differs{_unknown_share(dm)}"
+    )
+    if not allow_new:
+        raise ConfigError(
+            "data", f"{what}; the checkpoint's vocabulary and data position belong to its own corpus",
+            "that corpus, or resume_on_new_data=true to continue on this one",
+        )
+    warnings.warn(f"resume_on_new_data=true: {what}; continuing with the saved data position and memory")
+
+
+def _unknown_share(dm) -> str:
+    """How much of the training text the checkpoint's tokenizer cannot represent."""
+    unk = getattr(dm.tokenizer, "unk_id", None)
+    if unk is None or not hasattr(dm, "tokens"):
+        return ""
+    train = dm.tokens("train")
+    share = float((train == unk).mean()) if len(train) else 0.0
+    return f" ({share:.1%} of its training text is outside the checkpoint's vocabulary: <unk>)" if share else ""
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train (and optionally test) from a composed ``train.yaml``; returns final metrics."""
     plain = _plain(cfg)
@@ -88,6 +136,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     dm.setup("fit")
     if ckpt is not None:
         check_resume_compatible(ckpt, plain["model"], dm.vocab_size, plain["ckpt_path"])
+        check_resume_data(ckpt, dm, plain["ckpt_path"], plain.get("resume_on_new_data", False))
 
     task = LMTask(
         model=plain["model"],
@@ -112,20 +161,39 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if plain.get("train", True):
         trainer.fit(task, datamodule=dm, ckpt_path=plain.get("ckpt_path"), weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    tested = ""
     if plain.get("test"):
-        best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
-        trainer.test(task, datamodule=dm, ckpt_path=best or None, weights_only=True)
+        test_ckpt, tested = _test_checkpoint(trainer, plain)
+        trainer.test(task, datamodule=dm, ckpt_path=test_ckpt, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
     if trainer.is_global_zero:
-        _report(trainer, task, dm, metrics, out_dir, plain.get("sample_tokens", 0))
+        _report(trainer, task, dm, metrics, out_dir, plain.get("sample_tokens", 0), tested)
     return metrics
+
+
+def _test_checkpoint(trainer, plain: dict) -> tuple[str | None, str]:
+    """The checkpoint ``test=true`` evaluates (None: the weights in memory), and what it is.
+
+    After training: the best checkpoint of this run folder (never another folder's, see
+    :class:`xvariants.training.checkpoint.ModelCheckpoint`), else this run's final weights.
+    With ``train=false``: the checkpoint ``ckpt_path`` names.
+    """
+    if not plain.get("train", True):
+        if plain.get("ckpt_path"):
+            return plain["ckpt_path"], f"ckpt_path {plain['ckpt_path']} (train=false)"
+        return None, "untrained weights (train=false and no ckpt_path)"
+    ck = trainer.checkpoint_callback
+    best = getattr(ck, "best_model_path", "") if ck is not None else ""
+    if best:
+        return best, f"best checkpoint of this run folder, {best}"
+    return None, "final weights of this run (no best checkpoint in this run folder)"
 
 
 def _write_run_files(out_dir: Path, plain: dict, dm, task: LMTask) -> None:
     """The composed config, data metadata and tokenizer, next to the checkpoints."""
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:
         return
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(plain)))
+    write_run_file(out_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(plain)))
     meta = {
         "python_version": sys.version,
         "torch_version": torch.__version__,
@@ -134,11 +202,11 @@ def _write_run_files(out_dir: Path, plain: dict, dm, task: LMTask) -> None:
         "vocab_size": dm.vocab_size,
         "parameters": sum(p.numel() for p in task.model.parameters()),
     }
-    (out_dir / "run_meta.json").write_text(json.dumps(meta, indent=2, default=str))
-    (out_dir / "tokenizer.json").write_text(json.dumps(dm.tokenizer.to_dict()))
+    write_run_file(out_dir / "run_meta.json", json.dumps(meta, indent=2, default=str))
+    write_run_file(out_dir / "tokenizer.json", json.dumps(dm.tokenizer.to_dict()))
 
 
-def _report(trainer, task: LMTask, dm, metrics: dict, out_dir: Path, sample_tokens: int) -> None:
+def _report(trainer, task: LMTask, dm, metrics: dict, out_dir: Path, sample_tokens: int, tested: str = "") -> None:
     """Print what a researcher wants after a run: the figure, the baseline, where things are."""
     lines = [f"parameters: {sum(p.numel() for p in task.model.parameters()):,}"]
     unit = dm.unit
@@ -147,6 +215,8 @@ def _report(trainer, task: LMTask, dm, metrics: dict, out_dir: Path, sample_toke
     if unit in BIT_UNITS and "val/bpc" in metrics and hasattr(dm, "tokens"):
         uni = nats_to_bits(unigram_cross_entropy(dm.tokens("train"), dm.tokens("valid"), dm.vocab_size))
         lines.append(f"validation bpc: {metrics['val/bpc']:.4f} {BIT_UNITS[unit]}  (unigram baseline: {uni:.4f})")
+    if tested:
+        lines.append(f"tested: {tested}")
     for k in ("test/loss", "test/ppl", "test/bpc"):
         if k in metrics:
             lines.append(f"{k}: {metrics[k]:.4f}")
