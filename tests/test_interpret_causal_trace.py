@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 T = 8
 SUBJECT = (2, 5)  # first, middle, last subject token; first subsequent 5, further 6, last 7
 TOKENS = torch.randint(0, V, (T,), generator=torch.Generator().manual_seed(11))
-FAST = dict(samples=3, window=2)
+FAST = {"samples": 3, "window": 2}
 VANILLA = next(c for c in CASES if c.id == "vanilla-decoder")
 
 
@@ -56,7 +56,7 @@ def noise_for(lm, sigma_factor: float = 8.0) -> torch.Tensor:
 def test_noise_zero_restores_the_clean_score_everywhere(lm):
     r = trace_fact(lm, TOKENS, SUBJECT, noise=0.0, kinds=kinds_of(lm), **FAST)
     assert r.p_corrupt == pytest.approx(r.p_clean, abs=1e-9)
-    for kind, scores in r.scores.items():
+    for scores in r.scores.values():
         assert scores.shape == (T, trace_sites(lm).n_layers)
         torch.testing.assert_close(scores, torch.full_like(scores, r.p_clean), atol=1e-6, rtol=0)
 
@@ -174,7 +174,7 @@ def test_average_effects_by_token_category():
     middle = CATEGORIES.index("middle_subject")
     assert avg.n["resid"][middle].tolist() == [1] * L  # only r1 has a middle subject token
     value, category, layer = avg.peak("mlp")
-    assert value == float(avg.aie["mlp"].nan_to_num(-1).max()) and category in CATEGORIES
+    assert value == float(avg.aie["mlp"].nan_to_num(-1).max()) and category in CATEGORIES and 0 <= layer < L
     json.dumps(avg.to_dict())
     json.dumps(r1.to_dict())
     assert set(avg.summary()) >= {"n_facts", "p_clean", "p_corrupt", "ate", "peak_aie", "peak_layer",
@@ -246,9 +246,8 @@ def test_memory_trace(case):
     if case.name == "xl":  # the last entry (output of the last layer) is kept but read by no layer
         torch.testing.assert_close(r.scores[:, -1], torch.full_like(r.scores[:, -1], r.p_corrupt), atol=1e-9, rtol=0)
     assert r.categories["last_subject"] == [SUBJECT[1] - 1]
-    with pytest.raises(ConfigError, match="subject_range.*not in memory"):
-        with lm.body.lengths(mem_len=4):
-            trace_memory(lm, context, SUBJECT, prompt)
+    with pytest.raises(ConfigError, match="subject_range.*not in memory"), lm.body.lengths(mem_len=4):
+        trace_memory(lm, context, SUBJECT, prompt)
 
 
 def test_memory_trace_needs_a_memory_body():

@@ -98,7 +98,7 @@ class AverageEffects:
                 "n": {k: v.tolist() for k, v in self.n.items()}}
 
 
-def average_effects(results: Sequence["TraceResult"]) -> AverageEffects:
+def average_effects(results: Sequence[TraceResult]) -> AverageEffects:
     """AIE per token category x layer with 95% intervals, and the ATE, over ``results``."""
     if not results:
         raise ValueError("results: no traced facts to average")
@@ -123,7 +123,7 @@ def average_effects(results: Sequence["TraceResult"]) -> AverageEffects:
                           sum(r.p_corrupt for r in results) / len(results), ate, ate_ci, aie, ci, n)
 
 
-def average_severed(results: Sequence["SeveredResult"]) -> dict[str, dict[str, list[float]]]:
+def average_severed(results: Sequence[SeveredResult]) -> dict[str, dict[str, list[float]]]:
     """Per sever kind: ``aie`` ``[L]`` (mean restored p(o) - p_corrupt) and its 95% ``ci``."""
     if not results:
         raise ValueError("results: no severed traces to average")

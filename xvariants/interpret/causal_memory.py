@@ -21,15 +21,9 @@ from torch import nn
 
 from xvariants.config_errors import require
 from xvariants.interpret.causal_effects import token_categories
-from xvariants.interpret.causal_trace import (
-    WrongPrediction,
-    _check_prompt,
-    _check_samples,
-    _Eval,
-    _noise_level,
-)
 from xvariants.interpret.hooks import find_body, hooks, unwrap_model
 from xvariants.interpret.patching import draw_noise, lm_logits, trace_sites
+from xvariants.interpret.trace_args import EvalMode, WrongPrediction, check_prompt, check_samples, noise_std
 
 
 @dataclass
@@ -80,14 +74,14 @@ def trace_memory(
     body = find_body(inner)
     require(body is not None and getattr(body, "stateful", False), "model",
             "memory tracing needs a body with segment memory (xl, universal_xl)")
-    context, (start, end) = _check_prompt(inner, context, subject_range)
-    tokens, _ = _check_prompt(inner, tokens, (0, 1))
+    context, (start, end) = check_prompt(inner, context, subject_range)
+    tokens, _ = check_prompt(inner, tokens, (0, 1))
     mem_len = getattr(body, "mem_len", None)
     Tc = context.numel()
     require(mem_len is None or Tc - start <= mem_len, "subject_range",
             f"the subject starts {Tc - start} tokens before the prompt, beyond mem_len={mem_len}: it is not in memory")
-    _check_samples(samples)
-    level = _noise_level(noise, sigma)
+    check_samples(samples)
+    level = noise_std(noise, sigma)
     embed = trace_sites(inner).embed
     S = samples
 
@@ -96,7 +90,7 @@ def trace_memory(
         act[1:, start:end] += draw_noise(level, S, end - start, act.size(-1), seed).to(act.device, act.dtype)
         return act
 
-    with _Eval(inner):
+    with EvalMode(inner):
         with hooks(inner, [(embed, corrupt)]):
             state = inner.hidden_states(context.reshape(1, -1).expand(1 + S, -1)).state
         entries = list(state)

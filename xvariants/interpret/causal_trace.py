@@ -20,7 +20,6 @@ The batched runs are in :mod:`.patching`, the averages over facts in :mod:`.caus
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -35,22 +34,24 @@ from xvariants.interpret.patching import (
     KIND_POINTS,
     Cell,
     Patcher,
-    TraceSites,
     lm_logits,
     trace_sites,
     window_bounds,
 )
+from xvariants.interpret.trace_args import (
+    KINDS,
+    EvalMode,
+    WrongPrediction,
+    check_kinds,
+    check_prompt,
+    check_samples,
+    noise_std,
+)
 
-KINDS = tuple(KIND_POINTS)
+__all__ = ["KINDS", "SEVERABLE", "SeveredResult", "TraceResult", "WrongPrediction", "embedding_std",
+           "severed_trace", "trace_fact", "trace_many"]
+
 SEVERABLE = ("none", "mlp", "attn")
-
-
-class WrongPrediction(ValueError):
-    """The clean model does not predict the expected answer (the fact is skipped)."""
-
-    def __init__(self, expected: int, predicted: int, p_expected: float):
-        self.expected, self.predicted, self.p_expected = expected, predicted, p_expected
-        super().__init__(f"answer: the model predicts token {predicted}, not the expected {expected} (p={p_expected:.3g})")
 
 
 @dataclass
@@ -116,63 +117,6 @@ class SeveredResult:
     na: torch.Tensor
 
 
-# ---------------------------------------------------------------------- checks and noise
-def _check_prompt(model: nn.Module, tokens: torch.Tensor, subject_range) -> tuple[torch.Tensor, tuple[int, int]]:
-    if not (isinstance(tokens, torch.Tensor) and tokens.dtype == torch.long and tokens.numel() > 0
-            and (tokens.dim() == 1 or (tokens.dim() == 2 and tokens.size(0) == 1))):
-        raise ConfigError("tokens", f"must be a non-empty LongTensor [T], got {getattr(tokens, 'shape', type(tokens))}")
-    tokens = tokens.reshape(-1)
-    T = tokens.numel()
-    limit = getattr(unwrap_model(model), "max_context", None)
-    require(limit is None or T <= limit, "tokens", f"the prompt has {T} tokens, longer than the model's context of {limit}")
-    try:
-        start, end = (int(i) for i in subject_range)
-    except (TypeError, ValueError):
-        raise ConfigError("subject_range", f"must be a (start, end) pair of token indices, got {subject_range!r}") from None
-    require(0 <= start < end <= T, "subject_range",
-            f"{(start, end)} is empty or outside the prompt's {T} tokens (need 0 <= start < end <= {T})")
-    return tokens, (start, end)
-
-
-def _noise_level(noise, sigma: float | None) -> float:
-    if isinstance(noise, str):
-        m = re.fullmatch(r"s(\d+(?:\.\d*)?)", noise)
-        require(m is not None, "noise", f"unknown noise {noise!r}", ["a number (absolute)", "'sN' (N x sigma)"])
-        require(sigma is not None and sigma > 0, "sigma", f"noise={noise!r} needs sigma (embedding_std), got {sigma!r}")
-        return float(m.group(1)) * float(sigma)
-    require(isinstance(noise, (int, float)) and not isinstance(noise, bool) and noise >= 0,
-            "noise", f"must be >= 0 or 'sN', got {noise!r}")
-    return float(noise)
-
-
-def _check_samples(samples) -> None:
-    require(isinstance(samples, int) and not isinstance(samples, bool) and samples >= 1, "samples", f"must be >= 1, got {samples!r}")
-
-
-def _check_kinds(kinds: Sequence[str] | None, sites: TraceSites) -> tuple[str, ...]:
-    if kinds is None:
-        return tuple(k for k in KINDS if k in sites.names)
-    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
-    for k in kinds:
-        require(k in KINDS, "kinds", f"unknown kind {k!r}", KINDS)
-        require(k in sites.names, "kinds", f"this model has no {KIND_POINTS[k]} hook points for kind {k!r}", sorted(sites.names))
-    return kinds
-
-
-class _Eval:
-    """Eval mode (no dropout, no ACT warm-up ticks) for the block, then the mode it had."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.was = self.model.training
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        self.model.train(self.was)
-
-
 def _baseline(patcher: Patcher, answer: int | None, strict: bool, record: Sequence[str] = ()):
     base = patcher.run([CORRUPTED], record=record)
     predicted = int(base.clean.argmax())
@@ -214,14 +158,14 @@ def trace_fact(
         different prediction raises :class:`WrongPrediction`; otherwise p(answer) is traced.
     :param seed: noise seed. :param batch_rows: most rows per forward pass.
     """
-    tokens, (start, end) = _check_prompt(model, tokens, subject_range)
+    tokens, (start, end) = check_prompt(model, tokens, subject_range)
     require(isinstance(window, int) and window >= 1, "window", f"must be >= 1, got {window!r}")
     sites = trace_sites(model)
-    kinds = _check_kinds(kinds, sites)
-    level = _noise_level(noise, sigma)
-    _check_samples(samples)
+    kinds = check_kinds(kinds, sites)
+    level = noise_std(noise, sigma)
+    check_samples(samples)
     T = tokens.numel()
-    with _Eval(model):
+    with EvalMode(model):
         patcher = Patcher(model, tokens, (start, end), level, samples=samples, seed=seed, sites=sites, batch_rows=batch_rows)
         base, answer, p_clean, p_corrupt = _baseline(patcher, answer, strict)
         cells = [Cell(t, sites.window(k, layer, window)) for k in kinds for t in range(T) for layer in range(len(sites.names[k]))]
@@ -268,7 +212,7 @@ def severed_trace(
     state at ``token`` (default: the last subject token) while the MLP or attention outputs at
     that token, at every layer, keep the values of the plain corrupted run (two passes: that
     run is recorded, then re-patched). ``sever`` picks the curves (``none``, ``mlp``, ``attn``)."""
-    tokens, (start, end) = _check_prompt(model, tokens, subject_range)
+    tokens, (start, end) = check_prompt(model, tokens, subject_range)
     sites = trace_sites(model)
     token = end - 1 if token is None else int(token)
     require(0 <= token < tokens.numel(), "token", f"{token} is outside the prompt's {tokens.numel()} tokens")
@@ -276,11 +220,11 @@ def severed_trace(
     for s in sever:
         require(s in SEVERABLE, "sever", f"unknown kind {s!r}", SEVERABLE)
         require(s == "none" or s in sites.names, "sever", f"this model has no {KIND_POINTS.get(s, s)} points", sorted(sites.names))
-    level = _noise_level(noise, sigma)
-    _check_samples(samples)
+    level = noise_std(noise, sigma)
+    check_samples(samples)
     L = sites.n_layers
     frozen_names = [n for s in sever if s != "none" for n in sites.names[s]]
-    with _Eval(model):
+    with EvalMode(model):
         patcher = Patcher(model, tokens, (start, end), level, samples=samples, seed=seed, sites=sites, batch_rows=batch_rows)
         base, answer, p_clean, p_corrupt = _baseline(patcher, answer, strict, frozen_names)
         # ACT: steps the corrupted run never reached have no corrupted value to keep
@@ -324,7 +268,7 @@ def embedding_std(model: nn.Module, items: Iterable[tuple[torch.Tensor, tuple[in
 
     with hooks(inner, [(trace_sites(inner).embed, grab)]):
         for tokens, subject_range in items:
-            tokens, rng = _check_prompt(inner, tokens, subject_range)
+            tokens, rng = check_prompt(inner, tokens, subject_range)
             span[:] = [rng]
             try:
                 lm_logits(inner, tokens[None], False)

@@ -262,7 +262,6 @@ class Patcher:
 def _remember(running: dict[int, torch.Tensor]):
     def fn(act, site):
         running[site.layer] = act
-        return None
 
     return fn
 
@@ -286,6 +285,5 @@ def _recorder(rec: dict[str, torch.Tensor], R: int, running):
         full = act.new_full((R, *act.shape[1:]), float("nan"))
         full[local >= 0] = act[local[local >= 0]]
         rec[site.name] = full
-        return None
 
     return fn
