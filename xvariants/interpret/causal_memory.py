@@ -76,6 +76,8 @@ def trace_memory(
             "memory tracing needs a body with segment memory (xl, universal_xl)")
     context, (start, end) = check_prompt(inner, context, subject_range)
     tokens, _ = check_prompt(inner, tokens, (0, 1))
+    device = next(inner.parameters()).device
+    context, tokens = context.to(device), tokens.to(device)
     mem_len = getattr(body, "mem_len", None)
     Tc = context.numel()
     require(mem_len is None or Tc - start <= mem_len, "subject_range",

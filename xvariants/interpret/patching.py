@@ -163,7 +163,7 @@ class Patcher:
     def __init__(self, model: nn.Module, tokens: torch.Tensor, subject: tuple[int, int], noise: float | torch.Tensor,
                  *, samples: int = 10, seed: int = 1, sites: TraceSites | None = None, batch_rows: int = 1024):
         self.model = unwrap_model(model)
-        self.tokens, self.subject = tokens, subject
+        self.tokens, self.subject = tokens.to(next(self.model.parameters()).device), subject
         self.level, self.seed = noise, seed
         self.noise = noise if isinstance(noise, torch.Tensor) else None
         self.samples = noise.size(0) if isinstance(noise, torch.Tensor) else samples
