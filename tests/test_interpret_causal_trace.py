@@ -145,6 +145,7 @@ def test_severed_trace(lm):
     zero = severed_trace(lm, TOKENS, SUBJECT, sever=sever, noise=0.0, samples=2)
     for curve in zero.curves.values():
         torch.testing.assert_close(curve, torch.full_like(curve, zero.p_clean), atol=1e-6, rtol=0)
+    json.dumps(s.to_dict())
     avg = average_severed([s, s])
     assert set(avg) == set(sever) and len(avg["none"]["aie"]) == trace_sites(lm).n_layers
 
@@ -246,6 +247,7 @@ def test_memory_trace(case):
     if case.name == "xl":  # the last entry (output of the last layer) is kept but read by no layer
         torch.testing.assert_close(r.scores[:, -1], torch.full_like(r.scores[:, -1], r.p_corrupt), atol=1e-9, rtol=0)
     assert r.categories["last_subject"] == [SUBJECT[1] - 1]
+    json.dumps(r.to_dict())
     with pytest.raises(ConfigError, match="subject_range.*not in memory"), lm.body.lengths(mem_len=4):
         trace_memory(lm, context, SUBJECT, prompt)
 

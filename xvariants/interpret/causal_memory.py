@@ -49,7 +49,15 @@ class MemoryTraceResult:
         return self.p_clean - self.p_corrupt
 
     def indirect_effect(self) -> torch.Tensor:
+        """``[M, E]`` restored score - p_corrupt."""
         return self.scores - self.p_corrupt
+
+    def to_dict(self) -> dict:
+        """Every number, JSON-ready."""
+        return {"context": self.context.tolist(), "tokens": self.tokens.tolist(), "subject_range": list(self.subject_range),
+                "answer": self.answer, "p_clean": self.p_clean, "p_corrupt": self.p_corrupt,
+                "total_effect": self.total_effect, "noise": self.noise, "samples": self.samples,
+                "positions": self.positions, "scores": self.scores.tolist(), "categories": self.categories}
 
 
 @torch.no_grad()

@@ -116,6 +116,12 @@ class SeveredResult:
     curves: dict[str, torch.Tensor]
     na: torch.Tensor
 
+    def to_dict(self) -> dict:
+        """Every number, JSON-ready (n/a layers as null)."""
+        na = self.na.tolist()
+        return {"token": self.token, "answer": self.answer, "p_clean": self.p_clean, "p_corrupt": self.p_corrupt,
+                "curves": {k: [None if m else p for p, m in zip(v.tolist(), na)] for k, v in self.curves.items()}}
+
 
 def _baseline(patcher: Patcher, answer: int | None, strict: bool, record: Sequence[str] = ()):
     base = patcher.run([CORRUPTED], record=record)
