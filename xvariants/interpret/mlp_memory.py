@@ -14,7 +14,7 @@ with its own ``mlp_memory(layer)`` method (the Hugging Face adapter, ``hf_causal
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -69,9 +69,9 @@ class MLPMemory:
     layer: int
     key_hook: str
     value_hook: str
-    module: nn.Module
-    weight: nn.Parameter
-    bias: nn.Parameter | None
+    module: nn.Module = field(repr=False)
+    weight: nn.Parameter = field(repr=False)
+    bias: nn.Parameter | None = field(repr=False)
     weight_is_in_out: bool
     path: str
     shared: bool = False
