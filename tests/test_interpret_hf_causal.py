@@ -72,7 +72,8 @@ def test_hook_names_for_every_layer(adapted):
     assert {f"blocks.{layer}.{k}" for layer in range(L) for k in KINDS} <= names
     assert "hook_embed" in names and ("hook_pos_embed" in names) == (kind == "gpt2")
     assert HookTable(m).resolve("steps.2.mlp.hook_post") == "blocks.2.mlp.hook_post"
-    assert m.n_layers == L and m.d_model == 32
+    assert m.n_layers == L and m.d_model == 32 and m.vocab_size == V
+    assert m.max_context == (32 if kind == "gpt2" else 64)
 
 
 @torch.no_grad()

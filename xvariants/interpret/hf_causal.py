@@ -170,6 +170,15 @@ class HookedCausalLM(nn.Module):
     def config(self):
         return self.hf.config
 
+    @property
+    def max_context(self) -> int | None:
+        """Longest input the model accepts (as ``LanguageModel.max_context``)."""
+        return getattr(self.hf.config, "max_position_embeddings", None)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_input_embeddings().num_embeddings
+
     def mlp_memory(self, layer: int) -> MLPMemory:
         """Layer ``layer``'s MLP output projection as a key -> value memory (explicit orientation)."""
         _, _, proj_name, proj = self._parts[layer]
