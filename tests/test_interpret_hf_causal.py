@@ -16,10 +16,10 @@ pytestmark = pytest.mark.skipif(
     reason="transformers not installed: pip install -c constraints.txt -e '.[interpret]' to run the HF adapter tests",
 )
 
-from xvariants.interpret import run_with_cache, run_with_hooks  # noqa: E402
-from xvariants.interpret.hooks import HookTable  # noqa: E402
-from xvariants.interpret.mlp_memory import mlp_memory  # noqa: E402
-from xvariants.layers.hooks import HookPoint  # noqa: E402
+from xvariants.interpret import run_with_cache, run_with_hooks
+from xvariants.interpret.hooks import HookTable
+from xvariants.interpret.mlp_memory import mlp_memory
+from xvariants.layers.hooks import HookPoint
 
 V, L = 97, 3
 KINDS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "mlp.hook_post", "hook_mlp_out", "hook_resid_post")
@@ -29,7 +29,7 @@ def gpt2(**over):
     import transformers
 
     torch.manual_seed(0)
-    cfg = dict(vocab_size=V, n_positions=32, n_embd=32, n_layer=L, n_head=4, n_inner=48)
+    cfg = {"vocab_size": V, "n_positions": 32, "n_embd": 32, "n_layer": L, "n_head": 4, "n_inner": 48}
     cfg.update(over)
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg)).eval()
 
@@ -152,13 +152,14 @@ def test_patching_resid_mid_and_embed_take_effect(adapted):
     _, m = adapted
     x = tokens()
     new = torch.randn(2, x.shape[1], 32)
-    out, cache = run_with_cache(
+    _, cache = run_with_cache(
         m, x, names_filter=["blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"],
         fwd_hooks=[("blocks.1.hook_resid_mid", lambda act, hook: new)],
     )
     torch.testing.assert_close(cache["blocks.1.hook_resid_mid"], new, rtol=0, atol=0)
     # the block adds resid_pre itself: resid_pre + (new - resid_pre) is new up to rounding
-    torch.testing.assert_close(cache["blocks.1.hook_resid_post"], new + cache["blocks.1.hook_mlp_out"], rtol=0, atol=1e-5)
+    post, mlp_out = cache["blocks.1.hook_resid_post"], cache["blocks.1.hook_mlp_out"]
+    torch.testing.assert_close(post, new + mlp_out, rtol=0, atol=1e-5)
     noise = torch.randn(2, x.shape[1], 32)  # not a constant: LayerNorm would remove it
     noisy = run_with_hooks(m, x, [("hook_embed", lambda act, hook: act + noise)]).logits
     assert (noisy - m(x).logits).abs().max() > 1e-3
@@ -214,7 +215,8 @@ def test_unsupported_layouts_are_refused():
 
     from xvariants.interpret.hf_causal import HookedCausalLM
 
-    gptj = transformers.GPTJForCausalLM(transformers.GPTJConfig(vocab_size=V, n_positions=32, n_embd=32, n_layer=1, n_head=4, rotary_dim=4))
+    cfg = transformers.GPTJConfig(vocab_size=V, n_positions=32, n_embd=32, n_layer=1, n_head=4, rotary_dim=4)
+    gptj = transformers.GPTJForCausalLM(cfg)
     with pytest.raises(NotImplementedError, match="norms"):
         HookedCausalLM(gptj)
     with pytest.raises(NotImplementedError, match="cross-attention"):

@@ -95,7 +95,9 @@ def _with_first(output, new):
 def _child(block: nn.Module, names: tuple[str, ...], what: str) -> str:
     found = [n for n in names if isinstance(getattr(block, n, None), nn.Module)]
     if len(found) != 1:
-        raise NotImplementedError(f"{type(block).__name__}: expected one {what} module named one of {names}, found {found}")
+        raise NotImplementedError(
+            f"{type(block).__name__}: expected one {what} module named one of {names}, found {found}"
+        )
     return found[0]
 
 
@@ -117,7 +119,9 @@ class HookedCausalLM(nn.Module):
         self.xv_name = name or type(hf_model).__name__
         config = hf_model.config
         if getattr(config, "use_parallel_residual", False) or getattr(config, "parallel_attn", False):
-            raise NotImplementedError("parallel attention/MLP blocks have no resid_mid; this adapter maps sequential blocks only")
+            raise NotImplementedError(
+                "parallel attention/MLP blocks have no resid_mid; this adapter maps sequential blocks only"
+            )
         embed = hf_model.get_input_embeddings()
         base = getattr(hf_model, "base_model", hf_model)
         n_layers = config.num_hidden_layers

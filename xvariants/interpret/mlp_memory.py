@@ -45,7 +45,9 @@ def output_projection(mlp: nn.Module, d_model: int) -> tuple[str, nn.Module]:
     """
     found = [(n, m) for n, m in mlp.named_children() if (dims := linear_dims(m)) is not None and dims[1] == d_model]
     if not found:
-        raise ValueError(f"{type(mlp).__name__} has no linear child with output width {d_model}; cannot find its output projection")
+        raise ValueError(
+            f"{type(mlp).__name__} has no linear child with output width {d_model}; cannot find its output projection"
+        )
     return found[-1]
 
 
@@ -97,7 +99,8 @@ class MLPMemory:
     def add_(self, delta_out_in: torch.Tensor) -> None:
         """Add ``delta_out_in`` ``[d_model, d_mlp]`` to the weight in place, in the module's layout."""
         if tuple(delta_out_in.shape) != (self.d_model, self.d_mlp):
-            raise ValueError(f"update has shape {tuple(delta_out_in.shape)}, expected [d_model, d_mlp] = {(self.d_model, self.d_mlp)}")
+            expected = (self.d_model, self.d_mlp)
+            raise ValueError(f"update has shape {tuple(delta_out_in.shape)}, expected [d_model, d_mlp] = {expected}")
         self.w_out_in().add_(delta_out_in.to(self.weight))
 
 
