@@ -21,7 +21,7 @@ from xvariants.data.tokenizers import TOKENIZER_NAMES
 from xvariants.loading import build_datamodule
 from xvariants.models.build import ADAPTIVE_KEYS, split_model_config
 from xvariants.models.lm import LanguageModel
-from xvariants.models.registry import BODIES, build_body
+from xvariants.models.registry import BODIES, body_arguments, build_body
 from xvariants.training.optim import validate_optim
 
 #: what ``max_len`` is when the model config does not set it
@@ -134,7 +134,7 @@ def validate_types(cfg: dict) -> None:
         except (ImportError, ValueError):
             pass  # an unknown target is reported when the datamodule is built
     name, lm_kwargs, body_kwargs = split_model_config(cfg["model"])
-    if name in BODIES:
+    if name in BODIES and set(body_kwargs) <= set(body_arguments(name)):  # else build_body names the stranger
         check_types(body_kwargs, _init_hints(BODIES[name]), "model.")
     check_types({k: v for k, v in lm_kwargs.items() if k not in ADAPTIVE_KEYS}, _init_hints(LanguageModel), "model.")
 
