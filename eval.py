@@ -6,7 +6,6 @@
 """
 
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("XVARIANTS_ROOT", str(Path(__file__).resolve().parent))
@@ -15,8 +14,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from xvariants.config_errors import ConfigError, DataError  # noqa: E402
-from xvariants.loading import CheckpointError  # noqa: E402
+from xvariants.config_errors import ConfigError  # noqa: E402
+from xvariants.errors import run_hydra_entry, user_errors  # noqa: E402
 
 
 def run(cfg: DictConfig):
@@ -38,12 +37,14 @@ def run(cfg: DictConfig):
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
-def main(cfg: DictConfig) -> None:
-    try:
+def eval_main(cfg: DictConfig) -> None:
+    with user_errors():
         run(cfg)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+
+
+def main() -> None:
+    """User errors end as one ``error:`` line and exit status 2 (see :mod:`xvariants.errors`)."""
+    run_hydra_entry(eval_main)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ With no arguments: a small vanilla decoder on the embedded standard-library corp
 """
 
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("XVARIANTS_ROOT", str(Path(__file__).resolve().parent))
@@ -13,20 +12,20 @@ os.environ.setdefault("WANDB_MODE", "offline")  # wandb never reaches the networ
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from xvariants.config_errors import ConfigError, DataError  # noqa: E402
-from xvariants.loading import CheckpointError  # noqa: E402
+from xvariants.errors import run_hydra_entry, user_errors  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def train_main(cfg: DictConfig) -> float | None:
     from xvariants.training.run import train
 
-    try:
-        metrics = train(cfg)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    return metrics.get("val/loss")
+    with user_errors():
+        return train(cfg).get("val/loss")
+
+
+def main() -> float | None:
+    """User errors end as one ``error:`` line and exit status 2 (see :mod:`xvariants.errors`)."""
+    return run_hydra_entry(train_main)
 
 
 if __name__ == "__main__":

@@ -41,17 +41,36 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     :func:`remove_stale_temp_files` removes it on the next start."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # name the checkpoint, not the temporary file it could not create
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+        system = _first_oserror(exc)
+        if system is None:
+            raise
+        # torch wraps a failed write (disk full, quota) in its own RuntimeErrors; the reason
+        # and the checkpoint's name are what the user needs.
+        raise OSError(system.errno, system.strerror, str(path)) from exc
+
+
+def _first_oserror(exc: BaseException | None) -> OSError | None:
+    """The first ``OSError`` with an errno in ``exc`` or the exceptions it was raised from."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
@@ -90,6 +109,10 @@ def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
         ) from None
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - any other parse failure: the file is not a checkpoint
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: it is not a PyTorch checkpoint file ({type(e).__name__}: {e})"
+        ) from None
     if not isinstance(ckpt, dict) or STATE_DICT not in ckpt:
         raise CheckpointError(f"{path} is not an xvariants/Lightning checkpoint (no state_dict)")
     return ckpt
@@ -107,6 +130,15 @@ def load_weights(module: nn.Module, state_dict: dict, path: str | os.PathLike, p
     """Load ``state_dict`` into ``module``, which holds the entries under ``prefix``; any missing
     or extra entry is an error naming the first of them (with the checkpoint's key names)."""
     own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    expected = module.state_dict()
+    wrong = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in own.items()
+             if k in expected and hasattr(v, "shape") and tuple(v.shape) != tuple(expected[k].shape)]
+    if wrong:
+        k, stored, built = wrong[0]
+        raise CheckpointError(
+            f"{path}: weights do not match the model its stored settings describe ({len(wrong)} tensors "
+            f"differ in shape, first {prefix}{k}: {list(stored)} in the file, {list(built)} from the settings)"
+        )
     missing, unexpected = module.load_state_dict(own, strict=False)
     missing = [prefix + k for k in missing]
     unexpected = [prefix + k for k in unexpected] + [k for k in state_dict if not k.startswith(prefix)]
@@ -114,6 +146,35 @@ def load_weights(module: nn.Module, state_dict: dict, path: str | os.PathLike, p
         raise CheckpointError(
             f"{path}: weights do not match the model it describes (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
+
+
+#: model settings in the order that best says what a model is: which body, then what sets the
+#: shapes of its weights; a "different model" message names these first
+MODEL_IDENTITY_KEYS = (
+    "body", "d_model", "n_layers", "n_heads", "d_head", "d_ff", "num_steps", "max_steps", "act", "rotary",
+    "positions", "max_len", "tie_embeddings", "untie_r", "adaptive_cutoffs", "d_embed", "div_val", "tie_projs",
+)
+
+
+def model_differences(stored: dict, config: dict, shown: int = 3) -> str:
+    """The model settings that differ between a checkpoint and a config, most telling first
+    (:data:`MODEL_IDENTITY_KEYS`, then the rest by name), the first ``shown`` with both values
+    and the others by name only, so the message stays short."""
+
+    def rank(key: str) -> tuple[int, str]:
+        return (MODEL_IDENTITY_KEYS.index(key) if key in MODEL_IDENTITY_KEYS else len(MODEL_IDENTITY_KEYS), key)
+
+    def value(v: Any) -> str:
+        text = repr(v)
+        return text if len(text) <= 30 else text[:27] + "..."
+
+    keys = sorted((k for k in set(stored) | set(config) if stored.get(k) != config.get(k)), key=rank)
+    parts = [f"model.{k}: checkpoint {value(stored.get(k))} vs config {value(config.get(k))}" for k in keys[:shown]]
+    rest = keys[shown:]
+    if rest:
+        names = ", ".join(f"model.{k}" for k in rest[:6]) + (", ..." if len(rest) > 6 else "")
+        parts.append(f"and {len(rest)} more: {names}")
+    return "; ".join(parts)
 
 
 def load_model(path: str | os.PathLike) -> tuple[LanguageModel, dict]:

@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from xvariants.errors import UsageError, report
 from xvariants.interpret.compare import compare
-from xvariants.interpret.flow import trace
+from xvariants.interpret.flow import DIRECTIONS, MERGES, trace
 from xvariants.interpret.importance import attention_flow, rollout
 from xvariants.interpret.record import AttentionRecord, _labels, record_attention
 from xvariants.interpret.views import plot_trace, write_html
@@ -37,10 +38,6 @@ KNOWN = {
     "ckpt_path", "hf_model", "text", "text_pair", "tau", "token", "direction", "merge", "heads", "alpha",
     "compare_ckpt", "compare_hf_model", "segment_len", "maxflow", "out_dir", "name",
 }
-
-
-class UsageError(ValueError):
-    pass
 
 
 def parse_args(argv: list[str]) -> tuple[str, dict[str, str]]:
@@ -64,15 +61,68 @@ def parse_args(argv: list[str]) -> tuple[str, dict[str, str]]:
         raise UsageError('text="..." is required')
     if ("ckpt_path" in opts) == ("hf_model" in opts):
         raise UsageError("give exactly one of ckpt_path=... or hf_model=...")
+    check_values(opts)
     return cmd, opts
 
 
-def _bool(v: str) -> bool:
+def _bool(v: str, key: str = "maxflow") -> bool:
     if v.lower() in ("1", "true", "yes", "on"):
         return True
     if v.lower() in ("0", "false", "no", "off"):
         return False
-    raise UsageError(f"expected true/false, got {v!r}")
+    raise UsageError(f"{key}: expected true or false, got {v!r}")
+
+
+def _number(opts: dict, key: str, default: float) -> float:
+    try:
+        value = float(opts.get(key, default))
+    except ValueError:
+        raise UsageError(f"{key}: expected a number, got {opts[key]!r}") from None
+    if not math.isfinite(value):
+        raise UsageError(f"{key}: expected a finite number, got {opts[key]!r}")
+    return value
+
+
+def _heads(opts: dict) -> list[int] | None:
+    spec = opts.get("heads", "all")
+    if spec == "all":
+        return None
+    try:
+        heads = [int(h) for h in spec.split(",") if h.strip()]
+    except ValueError:
+        raise UsageError(f"heads: expected all or comma-separated head numbers (0,3,5), got {spec!r}") from None
+    if not heads:
+        raise UsageError(f"heads: expected all or comma-separated head numbers (0,3,5), got {spec!r}")
+    return heads
+
+
+def check_values(opts: dict) -> None:
+    """Every option that needs no model, checked before a model is loaded."""
+    _number(opts, "tau", 0.1)
+    _number(opts, "alpha", 0.5)
+    if opts.get("direction", "backward") not in DIRECTIONS:
+        raise UsageError(f"direction: expected {' or '.join(DIRECTIONS)}, got {opts['direction']!r}")
+    if opts.get("merge", "any") not in MERGES:
+        raise UsageError(f"merge: expected {' or '.join(MERGES)}, got {opts['merge']!r}")
+    _heads(opts)
+    if opts.get("segment_len"):
+        if not opts["segment_len"].isdigit() or int(opts["segment_len"]) < 1:
+            raise UsageError(f"segment_len: expected a positive integer, got {opts['segment_len']!r}")
+    if "maxflow" in opts:
+        _bool(opts["maxflow"])
+
+
+def check_against(rec: AttentionRecord, heads: list[int] | None, start: int | None) -> None:
+    """The options that depend on the model and the text: head numbers and the start token."""
+    n = rec.n_heads()
+    bad = [h for h in heads or [] if not 0 <= h < n]
+    if bad:
+        raise UsageError(f"heads: {rec.name} has {n} heads per {rec.layer_word}, numbered 0..{n - 1}; got {bad[0]}")
+    if start is not None and not -rec.n_tokens <= start < rec.n_tokens:
+        raise UsageError(
+            f"token: position {start} is outside the text's {rec.n_tokens} tokens "
+            f"(0..{rec.n_tokens - 1}, or -1..-{rec.n_tokens} from the end)"
+        )
 
 
 # ---------------------------------------------------------------------- loading
@@ -144,7 +194,7 @@ def _start(rec: AttentionRecord, token: str | None, direction: str) -> int | Non
     except ValueError:
         if token in rec.tokens:
             return rec.tokens.index(token)
-        raise UsageError(f"token must be cls, last, a position or one of the tokens, got {token!r}") from None
+        raise UsageError(f"token: expected cls, last, a position or one of the text's tokens, got {token!r}") from None
 
 
 # ---------------------------------------------------------------------- the command
@@ -153,12 +203,15 @@ def run_flow(opts: dict) -> dict:
     b = _source(opts, "compare_ckpt", "compare_hf_model", "")
     if b is not None and a.name == b.name:
         b.name = b.name + " (B)"
-    tau = float(opts.get("tau", 0.1))
+    check_values(opts)
+    tau = _number(opts, "tau", 0.1)
     direction = opts.get("direction", "backward")
     merge = opts.get("merge", "any")
-    heads = None if opts.get("heads", "all") == "all" else [int(h) for h in opts["heads"].split(",") if h.strip()]
-    alpha = float(opts.get("alpha", 0.5))
+    heads = _heads(opts)
+    alpha = _number(opts, "alpha", 0.5)
     start = _start(a, opts.get("token"), direction)
+    for rec in (a, b) if b is not None else (a,):
+        check_against(rec, heads, start)
     g = trace(a, tau, start, direction=direction, heads=heads, merge=merge)
     start = g.start
     out = Path(opts.get("out_dir", "outputs/flow"))
@@ -243,10 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _, opts = parse_args(argv)
         run_flow(opts)
-    except UsageError as e:
-        print(str(e), file=sys.stderr)
-        return 2
-    except ImportError as e:
+    except ImportError as e:  # an optional extra (``interpret``) is not installed
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except Exception as e:  # noqa: BLE001 - report() re-raises whatever is not a user error
+        return report(e)
     return 0

@@ -28,6 +28,7 @@ from xvariants.loading import (
     checkpoint_hparams,
     instantiate_group,
     load_weights,
+    model_differences,
     safe_load,
 )
 from xvariants.training.checkpoint import AtomicCheckpointIO
@@ -68,9 +69,8 @@ def check_resume_compatible(ckpt: dict, model_cfg: dict, vocab_size: int, path: 
         raise CheckpointError(f"{path} was not written by xvariants (no model config in its hyper-parameters)")
     if hp.get("vocab_size") != vocab_size:
         raise CheckpointError(f"{path} has vocab_size={hp.get('vocab_size')}, this run's data gives {vocab_size}")
-    diff = sorted(k for k in set(hp["model"]) | set(model_cfg) if hp["model"].get(k) != model_cfg.get(k))
-    if diff:
-        detail = ", ".join(f"model.{k}: checkpoint {hp['model'].get(k)!r} vs config {model_cfg.get(k)!r}" for k in diff)
+    detail = model_differences(hp["model"], model_cfg)
+    if detail:
         raise CheckpointError(f"{path} was trained with a different model ({detail})")
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from xvariants.config_errors import DataError
+
 from .base import (
     Corpus,
     CorpusNotFoundError,
@@ -63,10 +65,10 @@ def load_text(
     """
     explicit = (train_file, valid_file, test_file)
     if path is not None and any(f is not None for f in explicit):
-        raise ValueError("the text corpus takes either corpus.path or corpus.train_file/valid_file/test_file, not both")
+        raise DataError("the text corpus takes either corpus.path or corpus.train_file/valid_file/test_file, not both")
     if path is None:
         if train_file is None or valid_file is None:
-            raise ValueError(
+            raise DataError(
                 "the text corpus needs corpus.path (a file or folder) or both corpus.train_file and corpus.valid_file"
             )
         return _load_explicit(Path(train_file), Path(valid_file), None if test_file is None else Path(test_file))
@@ -81,6 +83,8 @@ def load_text(
     elif path.is_file():
         text = read_text(path)
         rule = "split by character position"
+    elif path.exists():
+        raise DataError(f"text corpus path is not a regular file or folder: {path}")
     else:
         raise CorpusNotFoundError(f"text corpus path not found: {path}")
     train, valid, test = split_contiguous(text, split, str(path))
@@ -89,6 +93,9 @@ def load_text(
 
 
 def _load_explicit(train_file: Path, valid_file: Path, test_file: Path | None) -> Corpus:
+    for name, file in (("train_file", train_file), ("valid_file", valid_file), ("test_file", test_file)):
+        if file is not None and file.exists() and not file.is_file():
+            raise DataError(f"corpus.{name} is not a regular file: {file}")
     train, valid = read_text(train_file), read_text(valid_file)
     test = valid if test_file is None else read_text(test_file)
     meta = {
