@@ -20,7 +20,7 @@ from tests.conftest import ROOT, TINY, compose_train
 from xvariants.config_errors import ConfigError
 from xvariants.errors import describe, report
 from xvariants.interpret.cli import main as interpret_main
-from xvariants.loading import CheckpointError, atomic_torch_save, model_differences, safe_load
+from xvariants.loading import atomic_torch_save, model_differences, safe_load
 
 SMALL = ["data.seq_len=16", "data.batch_size=2", "data.eval_batch_size=2", "model.d_model=16", "model.n_layers=1",
          "model.n_heads=4", "model.d_ff=32"]
@@ -325,10 +325,10 @@ def fill_the_disk(monkeypatch, room: int = 512) -> None:
     """Checkpoint files (and only they: not the token cache) get ``room`` bytes."""
     from xvariants import loading
 
-    fake_os = types.ModuleType("os")
-    fake_os.__dict__.update(os.__dict__)
-    fake_os.fdopen = lambda fd, mode: _FullDisk(os.fdopen(fd, mode), room)
-    monkeypatch.setattr(loading, "os", fake_os)
+    fake_torch = types.ModuleType("torch")
+    fake_torch.__dict__.update(torch.__dict__)
+    fake_torch.save = lambda obj, f: torch.save(obj, _FullDisk(f, room))
+    monkeypatch.setattr(loading, "torch", fake_torch)
 
 
 def test_disk_full_during_save_keeps_the_earlier_checkpoint(tmp_path, monkeypatch):

@@ -54,17 +54,17 @@ def test_resume_into_the_original_folder_keeps_every_metrics_row(tmp_path, tiny_
 
 
 def test_stale_temp_pattern_is_the_atomic_writers(tmp_path, monkeypatch):
-    from xvariants import loading
+    from xvariants import atomic
 
     names = []
-    real_mkstemp = loading.tempfile.mkstemp
+    real_mkstemp = atomic.tempfile.mkstemp
 
     def mkstemp(*args, **kwargs):
         fd, name = real_mkstemp(*args, **kwargs)
         names.append(Path(name).name)
         return fd, name
 
-    monkeypatch.setattr(loading.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", mkstemp)
     atomic_torch_save({"state_dict": {}}, tmp_path / "last.ckpt")
     assert names and ATOMIC_TEMP_NAME.fullmatch(names[0]), names
     (tmp_path / names[0]).write_bytes(b"left by a kill -9")

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import os
 import pickle
-import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from xvariants.atomic import ATOMIC_TEMP_NAME, remove_stale_temp_files, write_atomic  # noqa: F401 (re-exported)
 from xvariants.models.build import build_language_model
 from xvariants.models.lm import LanguageModel
 
@@ -29,64 +28,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unsafe, corrupt, or not an xvariants checkpoint."""
 
 
-#: names of :func:`atomic_torch_save`'s temporary files: ``.<target name>.<mkstemp's 8 random
-#: characters>.tmp`` (e.g. ``.last.ckpt.k3j_x9a2.tmp``)
-ATOMIC_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``:
-    an interrupted save leaves the previous checkpoint intact, never a truncated one.
-    A process killed outright (``kill -9``) leaves its temporary file behind:
-    :func:`remove_stale_temp_files` removes it on the next start."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:  # name the checkpoint, not the temporary file it could not create
-        raise OSError(exc.errno, exc.strerror, str(path)) from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        system = _first_oserror(exc)
-        if system is None:
-            raise
-        # torch wraps a failed write (disk full, quota) in its own RuntimeErrors; the reason
-        # and the checkpoint's name are what the user needs.
-        raise OSError(system.errno, system.strerror, str(path)) from exc
-
-
-def _first_oserror(exc: BaseException | None) -> OSError | None:
-    """The first ``OSError`` with an errno in ``exc`` or the exceptions it was raised from."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, OSError) and exc.errno is not None:
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
-def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files that interrupted :func:`atomic_torch_save` calls left in
-    ``folder`` (not its subfolders), and nothing else; returns what was removed.
-
-    Call it before this run saves anything into ``folder``: a save in progress has a
-    temporary file of the same form.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    stale = [p for p in folder.iterdir() if ATOMIC_TEMP_NAME.fullmatch(p.name) and p.is_file() and not p.is_symlink()]
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
+    """``torch.save`` through :func:`~xvariants.atomic.write_atomic`: an interrupted save leaves
+    the previous checkpoint intact; disk full reads ``No space left on device: <path>``."""
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> dict:

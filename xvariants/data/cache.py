@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from xvariants.atomic import write_atomic
 
 from .tokenizers import Tokenizer, build_tokenizer, tokenizer_from_dict
 
@@ -40,20 +40,6 @@ def _digest_json(value: Any) -> str:
 def token_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned dtype that holds every id: uint16 up to 65,535 ids, else uint32."""
     return np.dtype(np.uint16 if vocab_size <= 65535 else np.uint32)
-
-
-def _write_atomic(path: Path, write: Any) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then move it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)
 
 
 def _read_tokens(bin_path: Path, meta_path: Path) -> np.ndarray | None:
@@ -101,8 +87,8 @@ def encode_cached(
         "text_sha256": text_hash,
         "tokenizer_sha256": tokenizer_hash,
     }
-    _write_atomic(bin_path, lambda f: f.write(ids.tobytes()))
-    _write_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode("utf-8")))
+    write_atomic(bin_path, lambda f: f.write(ids.tobytes()))
+    write_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode("utf-8")))
     cached = _read_tokens(bin_path, meta_path)
     assert cached is not None, f"token cache entry {bin_path} unreadable right after writing it"
     return cached
@@ -132,5 +118,5 @@ def build_tokenizer_cached(
             pass  # a corrupt entry is rebuilt below
     tokenizer = build_tokenizer(name, train_text, **options)
     payload = json.dumps(tokenizer.to_dict()).encode("utf-8")
-    _write_atomic(path, lambda f: f.write(payload))
+    write_atomic(path, lambda f: f.write(payload))
     return tokenizer

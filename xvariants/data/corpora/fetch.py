@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from xvariants.atomic import write_atomic
+
 from .base import ChecksumError, CorpusNotFoundError
 
 DATA_DIR_ENV = "XVARIANTS_DATA_DIR"
@@ -112,27 +114,21 @@ def sha256_file(path: Path) -> str:
 
 
 def _write_atomic(stream: BinaryIO, dest: Path, expected_sha256: str | None, origin: str) -> None:
-    """Copy ``stream`` to ``dest`` via a temporary file, checking its sha256 before it appears."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
+    """Copy ``stream`` to ``dest`` atomically, checking its sha256 before it appears."""
+
+    def copy(out) -> None:
         digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out:
-            for chunk in iter(lambda: stream.read(_CHUNK), b""):
-                digest.update(chunk)
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
+        for chunk in iter(lambda: stream.read(_CHUNK), b""):
+            digest.update(chunk)
+            out.write(chunk)
         if expected_sha256 and digest.hexdigest() != expected_sha256:
             raise ChecksumError(
                 f"checksum mismatch for {dest.name} from {origin}: expected sha256 "
                 f"{expected_sha256}, got {digest.hexdigest()}; the download is corrupt or "
                 f"not the published file, nothing was written to {dest}"
             )
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_atomic(dest, copy)
 
 
 @contextmanager

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xvariants.atomic import write_atomic
 from xvariants.config_errors import require
 
 from .relations import RELATIONS, Relation
@@ -79,8 +80,6 @@ class FactsSet:
     def write(self, folder: str | Path) -> dict[str, str]:
         """Write ``known_facts.json``, ``counterfact.json`` and ``facts.json`` (parameters,
         subjects, the fact table) into ``folder``; return their paths by name."""
-        from xvariants.data.cache import _write_atomic
-
         folder = Path(folder)
         payloads = {
             "known_facts": self.known,
@@ -91,7 +90,7 @@ class FactsSet:
         for name, payload in payloads.items():
             path = folder / f"{name}.json"
             data = json.dumps(payload, indent=1, ensure_ascii=False).encode("utf-8")
-            _write_atomic(path, lambda f, data=data: f.write(data))
+            write_atomic(path, lambda f, data=data: f.write(data))
             paths[name] = str(path)
         return paths
 
