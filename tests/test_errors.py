@@ -121,6 +121,7 @@ def test_a_bug_keeps_its_traceback_and_debug_shows_user_errors(monkeypatch):
         ("optim.lr=abc", "error: optim.lr: must be a number, got 'abc'"),
         ("model.dropout=abc", "error: model.dropout: must be a number, got 'abc'"),
         ("seed=abc", "error: seed: must be an integer, got 'abc'"),
+        ("resume_on_new_data=maybe", "error: resume_on_new_data: must be true or false, got 'maybe'"),
     ],
 )
 def test_types_are_checked_before_values(override, message, tmp_path, monkeypatch, capsys):
@@ -150,6 +151,11 @@ def test_a_corpus_that_is_not_a_regular_file(key, tmp_path, corpus, monkeypatch,
     code, err = entry("train", ["data=text", f"data.corpus.{key}=/dev/null", *extra], tmp_path, monkeypatch, capsys)
     kind = "not a regular file or folder" if key == "path" else "not a regular file"
     assert code == 2 and err.strip().splitlines()[-1] == f"error: data.corpus.{key}: {kind}: /dev/null"
+
+
+def test_a_corpus_option_is_named_by_its_config_path(tmp_path, monkeypatch, capsys):
+    code, err = entry("train", ["data=facts_tiny", "data.corpus.mentions=0"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and err.strip().splitlines()[-1] == "error: data.corpus.mentions: must be an integer >= 1, got 0"
 
 
 def test_corpus_loader_says_what_is_wrong_with_dev_null():

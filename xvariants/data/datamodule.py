@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from xvariants.config_errors import DataError, require
+from xvariants.config_errors import DataError, config_scope, require
 
 from collections.abc import Mapping
 from typing import Any
@@ -121,7 +121,8 @@ class LMDataModule(L.LightningDataModule):
     def _prepare(self) -> None:
         if self.tokenizer is not None:
             return
-        corpus = load_corpus(**self.corpus_config)
+        with config_scope("data."):  # the corpus names its own options (corpus.n_subjects)
+            corpus = load_corpus(**self.corpus_config)
         digests = {split: text_digest(corpus.split(split)) for split in SPLITS}
         tokenizer = self._restore_or_build_tokenizer(corpus.train, digests["train"])
         tokens = {}

@@ -115,7 +115,7 @@ def check_types(values: dict, hints: dict[str, Any], prefix: str) -> None:
 
 
 #: settings read outside any annotated constructor
-TOP_LEVEL_TYPES = {"seed": int, "sample_tokens": int}
+TOP_LEVEL_TYPES = {"seed": int, "sample_tokens": int, "resume_on_new_data": bool}
 OPTIM_TYPES = {"lr": float, "weight_decay": float, "warmup_steps": int, "min_lr_ratio": float, "eps": float, "schedule": str}
 
 
