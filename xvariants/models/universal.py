@@ -22,7 +22,7 @@ from torch import nn
 from xvariants.config_errors import check_positive_int, config_scope, require
 from xvariants.layers.attention import DecodingCache
 from xvariants.layers.block import TransformerBlock
-from xvariants.layers.halting import AdaptiveHalting, resolve_step_options, run_steps, running_rows
+from xvariants.layers.halting import AdaptiveHalting, act_arguments, resolve_step_options, run_steps, running_rows
 from xvariants.layers.halting.frozen import SparseFreezeStep, StepKV, extend_frozen_cache
 from xvariants.layers.hooks import HookPoint
 from xvariants.layers.init import init_gpt2
@@ -112,20 +112,7 @@ class UniversalBody(Body):
         if "sinusoidal" in (step_signal, position_signal):
             require(d_model % 2 == 0, "model.d_model", f"sinusoidal signals need an even width, got {d_model}")
         with config_scope("model."):
-            n_steps, act_opts = resolve_step_options(
-                act,
-                num_steps,
-                max_steps=max_steps,
-                act_epsilon=act_epsilon,
-                ponder_weight=ponder_weight,
-                ponder_warmup_steps=ponder_warmup_steps,
-                halting_bias_init=halting_bias_init,
-                halting_warmup_steps=halting_warmup_steps,
-                halted_update=halted_update,
-                act_weighting=act_weighting,
-                act_compute=act_compute,
-                halting_logit_scale=halting_logit_scale,
-            )
+            n_steps, act_opts = resolve_step_options(act, num_steps, **act_arguments(locals()))
         self.d_model, self.causal, self.norm_first, self.act = d_model, causal, norm_first, act
         self.n_steps = n_steps  # upper bound of the loop
         self.act_compute = act_opts.act_compute if act else "dense"

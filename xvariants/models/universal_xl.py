@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from xvariants.config_errors import ConfigError, check_positive_int, config_scope, require
-from xvariants.layers.halting import AdaptiveHalting, resolve_step_options, run_steps, running_rows
+from xvariants.layers.halting import AdaptiveHalting, act_arguments, resolve_step_options, run_steps, running_rows
 from xvariants.layers.hooks import HookPoint
 from xvariants.layers.memory import SegmentMemory
 from xvariants.layers.steps import SIGNALS as STEP_SIGNALS
@@ -112,19 +112,7 @@ class UniversalXLBody(SegmentMemoryBody):
         require(signal_scale is None or signal_scale >= 0, "model.signal_scale", f"must be >= 0 or null (auto), got {signal_scale}")
         signal_scale = default_signal_scale(init_std, d_model) if signal_scale is None else float(signal_scale)
         with config_scope("model."):
-            n_steps, act_opts = resolve_step_options(
-                act,
-                num_steps,
-                max_steps=max_steps,
-                act_epsilon=act_epsilon,
-                ponder_weight=ponder_weight,
-                ponder_warmup_steps=ponder_warmup_steps,
-                halting_bias_init=halting_bias_init,
-                halting_warmup_steps=halting_warmup_steps,
-                halted_update=halted_update,
-                act_weighting=act_weighting,
-                halting_logit_scale=halting_logit_scale,
-            )
+            n_steps, act_opts = resolve_step_options(act, num_steps, **act_arguments(locals()))
         self.d_model, self.causal, self.act, self.n_steps = d_model, True, act, n_steps
         self.norm_first, self.step_signal, self.signal_scale = norm_first, step_signal, signal_scale
         self.memory = SegmentMemory(n_steps, d_model, mem_len=mem_len, clamp_len=clamp_len, same_length=same_length)

@@ -10,6 +10,7 @@ from xvariants.layers.halting.options import (
     HALTED_UPDATES,
     WEIGHTINGS,
     ACTOptions,
+    act_arguments,
     resolve_step_options,
 )
 from xvariants.layers.halting.unit import ACTResult, AdaptiveHalting, HaltingState
@@ -26,6 +27,7 @@ __all__ = [
     "SparseStep",
     "StepFn",
     "WEIGHTINGS",
+    "act_arguments",
     "resolve_step_options",
     "run_steps",
     "running_rows",

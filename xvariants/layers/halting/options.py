@@ -95,6 +95,13 @@ class ACTOptions:
         require(u in HALTED_UPDATES, "halted_update", f"unknown halted update {u!r}", HALTED_UPDATES)
 
 
+def act_arguments(arguments: dict) -> dict:
+    """The :class:`ACTOptions` fields among a body constructor's ``arguments`` (its ``locals()``):
+    the bodies take every ACT option as a typed, documented argument (the config keys are the
+    signature) and hand them on with ``resolve_step_options(act, num_steps, **act_arguments(locals()))``."""
+    return {f.name: arguments[f.name] for f in fields(ACTOptions) if f.name in arguments}
+
+
 def resolve_step_options(act: bool, num_steps: int | None, **act_opts) -> tuple[int, ACTOptions | None]:
     """The step count of a universal body and its ACT options (None without ACT).
 
