@@ -3,6 +3,9 @@
 Commands:
   flow    attention flow: trace, rank and draw how attention moves information between tokens
           (``python -m xvariants.interpret flow --help``; :mod:`xvariants.interpret.flow_cli`)
+  trace   causal tracing (the ROME paper): where a model keeps a fact, for one prompt or a
+          known-facts file (``python -m xvariants.interpret trace --help``;
+          :mod:`xvariants.interpret.trace_cli`)
 
 A bad option or input ends as one ``error:`` line and exit status 2; a missing optional extra
 (the Hugging Face models) as exit status 3.
@@ -19,9 +22,9 @@ HELP = ("-h", "--help", "help")
 
 def _commands() -> dict:
     # imported here: ``--help`` and a mistyped command answer without loading torch-heavy modules
-    from xvariants.interpret import flow_cli
+    from xvariants.interpret import flow_cli, trace_cli
 
-    return {"flow": flow_cli}
+    return {"flow": flow_cli, "trace": trace_cli}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             print(command.__doc__)
             return 0
         command.run(command.parse(argv[1:]))
-    except ImportError as e:  # an optional extra (``interpret``) is not installed
+    except ImportError as e:  # an optional extra (``interpret``, ``smollm``) is not installed
         print(f"error: {e}", file=sys.stderr)
         return 3
     except Exception as e:  # noqa: BLE001 - report() re-raises whatever is not a user error
