@@ -257,3 +257,42 @@ def test_smollm2_knows_the_capital_of_france():
     mem = mlp_memory(m, 15)
     assert (mem.d_mlp, mem.d_model) == (1536, 576) and not mem.weight_is_in_out
     torch.testing.assert_close(mem.apply(cache[mem.key_hook]), cache[mem.value_hook], rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------------- the trace CLI
+def word_level_folder(folder, words: list[str]):
+    """A random GPT-2 and a whitespace word-level fast tokenizer, saved as a local model folder."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", *words])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]").save_pretrained(folder)
+    gpt2(vocab_size=len(vocab)).save_pretrained(folder)
+    return folder
+
+
+def test_trace_cli_on_a_local_hugging_face_folder(tmp_path, capsys):
+    from xvariants.data.spans import encode_fact
+    from xvariants.interpret.causal_trace import embedding_std, trace_fact
+    from xvariants.interpret.cli import main
+    from xvariants.interpret.hf_causal import load_hf_causal_lm
+
+    folder = word_level_folder(tmp_path / "tiny-gpt2", ["the", "eiffel", "tower", "is", "in", "paris", "rome"])
+    prompt, subject = "the eiffel tower is in", "eiffel tower"
+    rc = main(["trace", f"hf_model={folder}", f"prompt={prompt}", f"subject={subject}", "samples=3", "window=2",
+               f"out_dir={tmp_path / 'out'}"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    js = __import__("json").loads((tmp_path / "out" / "trace.json").read_text())
+    model, tok = load_hf_causal_lm(str(folder))
+    fact = encode_fact(tok, prompt, subject)
+    ids = torch.as_tensor(fact.ids, dtype=torch.long)
+    sigma = embedding_std(model, [(ids, fact.subject)])
+    direct = trace_fact(model, ids, fact.subject, noise="s3", sigma=sigma, samples=3, window=2)
+    assert js["trace"] == direct.to_dict() and js["trace"]["subject_range"] == [1, 3]
+    assert js["labels"] == prompt.split() and js["description"] == "Hugging Face causal LM"
+    assert "(sigma over the subject tokens of this prompt" in out.out and (tmp_path / "out" / "trace.png").exists()
+    rc = main(["trace", f"hf_model={folder}", f"prompt={prompt}", "subject=eiffel tow"])
+    assert rc == 2 and "'eiffel tow' covers part of token 2 'tower'" in capsys.readouterr().err

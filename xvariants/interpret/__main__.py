@@ -1,4 +1,4 @@
-"""``python -m xvariants.interpret flow ckpt_path=... text="..." tau=0.1`` (see :mod:`xvariants.interpret.cli`)."""
+"""``python -m xvariants.interpret flow|trace key=value ...`` (see :mod:`xvariants.interpret.cli`)."""
 
 import sys
 
