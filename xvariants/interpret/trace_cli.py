@@ -48,6 +48,15 @@ SPLITS = ("train", "heldout", "all")
 ONE_FACT = ("prompt", "subject", "answer")
 
 
+def run_name(ckpt_path: str) -> str:
+    """A checkpoint's name for titles: the run folder for ``<run>/checkpoints/{last,best}.ckpt``
+    (every run has a ``last``), else the file's stem."""
+    p = Path(ckpt_path)
+    if p.parent.name == "checkpoints" and p.parent.parent.name:
+        return f"{p.parent.parent.name}/{p.stem}"
+    return p.stem
+
+
 @dataclass(frozen=True)
 class Settings:
     """The checked options (see the module docstring)."""
@@ -141,7 +150,7 @@ def load_source(opts: dict) -> Source:
         model, tokenizer, hp = load_checkpoint_model(opts["ckpt_path"])
         files = (hp.get("data_meta") or {}).get("facts_files") or {}
         body = hp["model"].get("body", "?")
-        return Source(model, tokenizer, opts.get("name") or Path(opts["ckpt_path"]).stem, f"{body} checkpoint",
+        return Source(model, tokenizer, opts.get("name") or run_name(opts["ckpt_path"]), f"{body} checkpoint",
                       files.get("known_facts"))
     from xvariants.interpret.hf_causal import load_hf_causal_lm
 
