@@ -26,7 +26,8 @@ BODIES = {
     "vanilla": {"body": "vanilla", "n_layers": 2},
     "xl": {"body": "xl", "n_layers": 2, "mem_len": 8},
     "universal": {"body": "universal", "act": False, "num_steps": 3},
-    "universal-act": {"body": "universal", "act": True, "max_steps": 3, "halting_bias_init": -0.5, "init_std": 0.3},
+    # halting spread out over the 3 steps of a random model: about a third of the positions stop after 2
+    "universal-act": {"body": "universal", "act": True, "max_steps": 3, "halting_bias_init": 8.0, "init_std": 0.3},
     "universal_xl": {"body": "universal_xl", "act": False, "num_steps": 3, "mem_len": 8},
 }
 
