@@ -89,7 +89,7 @@ def test_batch_of_edits_and_group_averaged_keys():
 
 
 def test_failure_part_way_restores_every_weight(monkeypatch):
-    import xvariants.editing.memit as memit
+    from xvariants.editing import memit
 
     lm = make_lm()
     before = weights(lm)

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from xvariants.data.spans import _core, encode_with_offsets, span_from_offsets
+from xvariants.data.spans import SpanError, _core, encode_with_offsets, span_from_offsets
 
 SLOT = "{}"
 
@@ -105,7 +105,7 @@ def encode(tokenizer: Any, text: str, *, subject: tuple[int, int] | None = None,
     """Encode ``text`` (optionally followed by one space and ``target``).
 
     :param subject: ``(char_start, char_end)`` of the subject in ``text``; its last token is
-        ``lookup``. A subject that cuts a token raises :class:`~xvariants.data.spans.SpanError`.
+        ``lookup``. A subject that cuts a token raises :class:`EditError` (naming the token).
     :param target: the continuation whose tokens are returned apart; a token that joins the
         end of ``text`` to the target raises :class:`EditError`, and so does a target the
         tokenizer only knows as its unknown token.
@@ -137,7 +137,10 @@ def encode(tokenizer: Any, text: str, *, subject: tuple[int, int] | None = None,
             raise EditError(f"target {target!r} is not in the tokenizer's vocabulary (it encodes to the unknown token)")
     lookup = None
     if subject is not None:
-        _, end = span_from_offsets(full, offsets[:n_prompt] if n_prompt else offsets, *subject)
+        try:
+            _, end = span_from_offsets(full, offsets[:n_prompt] if n_prompt else offsets, *subject)
+        except SpanError as e:
+            raise EditError(f"subject: {e}") from None
         lookup = end - 1
     return Encoded(tuple(ids[:n_prompt]), tuple(ids[n_prompt:]), lookup)
 

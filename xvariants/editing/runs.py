@@ -68,9 +68,11 @@ def edit_site(model: nn.Module, layer: int, steps: Sequence[int] | None = None) 
     check_causal(model)
     n = mlp_steps(model)
     if n == 0:
+        body = find_body(model)
+        what = type(unwrap_model(model)).__name__ + (f" (body {type(body).__name__})" if body is not None else "")
         raise EditError(
-            f"model: {type(unwrap_model(model)).__name__} has no MLP key hook points "
-            "('blocks.{l}.mlp.hook_post'); ROME/MEMIT edit the output projection of an MLP in each block"
+            f"model: {what} has no MLP key hook points ('blocks.{{l}}.mlp.hook_post'); ROME/MEMIT edit the "
+            "output projection of an MLP in each block"
         )
     for value in (layer, *(steps or ())):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n:
