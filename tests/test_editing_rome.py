@@ -163,3 +163,33 @@ def test_eval_mode_restores_each_module_to_its_own_mode():
         assert not any(m.training for m in inner.modules())
     assert lm.training and lm.embed.training and not lm.body.training
     assert not any(m.training for m in lm.body.modules())
+
+
+def test_multi_token_target_with_a_bpe_tokenizer():
+    """A target of many BPE tokens: teacher-forced NLL averaged over its tokens; at δ = 0 the
+    optimisation's NLL on the bare prompt equals the metrics' independent target_nll."""
+    import numpy as np
+
+    from tests.editing_common import TEXT
+    from xvariants.data.tokenizers import BPETokenizer
+    from xvariants.editing import target_nll
+    from xvariants.models import build_language_model
+
+    tok = BPETokenizer.train(TEXT, vocab_size=300)
+    torch.manual_seed(0)
+    lm = build_language_model({"body": "vanilla", "d_model": 32, "n_heads": 2, "n_layers": 2, "dropout": 0.0},
+                              tok.vocab_size).double().eval()
+    ids = np.concatenate([tok.encode(TEXT), np.random.default_rng(1).integers(0, tok.vocab_size, 3000)])
+    st = key_stats(lm, 0, ids, corpus="bpe", n_tokens=3072, seq_len=64)
+    request = EditRequest(REQUEST.prompt, REQUEST.subject, "Stockholmsberg", REQUEST.target_true)
+    enc = encode_request(tok, request, target=request.target_new)
+    assert len(enc.target) > 3 and tok.decode(list(enc.target)).strip() == "Stockholmsberg"
+    expected = target_nll(lm, tok, [request.text()], request.target_new)[0]
+    result = rome_edit(lm, tok, request, layer=0, stats=st, prefixes=[""], apply=False, options=FAST_ROME)
+    assert result.info["losses"][0]["nll"] == pytest.approx(expected, rel=1e-10)
+    result.apply()
+    mem = mlp_memory(lm, 0)
+    enc = encode_request(tok, request)
+    _, cache = run_with_cache(lm, torch.tensor([enc.ids]), [mem.value_hook])
+    assert torch.allclose(cache[mem.value_hook][0, enc.lookup], result.info["v_star"], atol=1e-8)
+    result.restore()

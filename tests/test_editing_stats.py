@@ -46,7 +46,7 @@ def test_cache_round_trip_and_keys(tmp_path, monkeypatch):
     lm = make_lm()
     first = key_stats(lm, 0, STATS_IDS, corpus="mix", n_tokens=2048, seq_len=64, cache_dir=tmp_path)
     files = list(tmp_path.rglob("*.safetensors"))
-    assert len(files) == 1 and files[0].parts[-3:] == (model_fingerprint(lm), "mix", "layer0_n2048.safetensors")
+    assert len(files) == 1 and files[0].parts[-3:] == (model_fingerprint(lm), "mix", "layer0_n2048_T64.safetensors")
 
     def no_streaming(*a, **k):
         raise AssertionError("the cached statistics should have been loaded")

@@ -10,8 +10,8 @@ Stateful bodies (Transformer-XL) stream the corpus as parallel segments and carr
 so the keys are those of realistic contexts.
 
 Results are cached as safetensors under ``cache_dir/<fingerprint>/<corpus>/`` keyed by the
-model fingerprint (a hash of every parameter and buffer), layer/step, corpus name and token
-count. :meth:`KeyStats.check` refuses a C that is rank-deficient or ill-conditioned with the
+model fingerprint (a hash of every parameter and buffer), layer/step, corpus name, token count
+and window length. :meth:`KeyStats.check` refuses a C that is rank-deficient or ill-conditioned with the
 count it needs.
 """
 
@@ -187,9 +187,12 @@ def collect_key_stats(model: nn.Module, layer: int, batches: Iterable[torch.Tens
     return KeyStats(moment, count, n_tokens, layer, step if shared else None, corpus, fp)
 
 
-def stats_path(cache_dir: str | Path, fingerprint: str, corpus: str, layer: int, step, n_tokens: int) -> Path:
+def stats_path(cache_dir: str | Path, fingerprint: str, corpus: str, layer: int, step, n_tokens: int,
+               seq_len: int) -> Path:
+    """``<cache_dir>/<fingerprint>/<corpus>/layer{l}[_step{s}]_n{tokens}_T{seq_len}.safetensors``
+    (the window length changes the contexts the keys are read in)."""
     at = f"layer{layer}" + ("" if step is None else f"_step{step}")
-    return Path(cache_dir) / fingerprint / (corpus or "corpus") / f"{at}_n{n_tokens}.safetensors"
+    return Path(cache_dir) / fingerprint / (corpus or "corpus") / f"{at}_n{n_tokens}_T{seq_len}.safetensors"
 
 
 def key_stats(model: nn.Module, layer: int, ids: np.ndarray | torch.Tensor, *, corpus: str, n_tokens: int,
@@ -202,7 +205,7 @@ def key_stats(model: nn.Module, layer: int, ids: np.ndarray | torch.Tensor, *, c
     fp = model_fingerprint(model)
     if edit_site(model, layer).memory.shared and step is None:
         step = "all"
-    path = None if cache_dir is None else stats_path(cache_dir, fp, corpus, layer, step, n_tokens)
+    path = None if cache_dir is None else stats_path(cache_dir, fp, corpus, layer, step, n_tokens, seq_len)
     if path is not None and path.exists():
         data = load_file(str(path))
         stats = KeyStats(data["moment"], int(data["count"]), int(data["n_tokens"]), layer, step, corpus, fp)
