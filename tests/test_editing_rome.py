@@ -193,3 +193,18 @@ def test_multi_token_target_with_a_bpe_tokenizer():
     _, cache = run_with_cache(lm, torch.tensor([enc.ids]), [mem.value_hook])
     assert torch.allclose(cache[mem.value_hook][0, enc.lookup], result.info["v_star"], atol=1e-8)
     result.restore()
+
+
+def test_hand_written_adam_matches_torch():
+    from xvariants.editing.values import Adam
+
+    g = torch.Generator().manual_seed(0)
+    ours = torch.zeros(5, dtype=torch.float64)
+    theirs = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    mine, ref = Adam(ours, lr=0.5), torch.optim.Adam([theirs], lr=0.5)
+    for _ in range(7):
+        grad = torch.randn(5, dtype=torch.float64, generator=g)
+        mine.step(grad)
+        theirs.grad = grad.clone()
+        ref.step()
+    assert torch.allclose(ours, theirs.detach(), rtol=1e-14, atol=1e-15)
