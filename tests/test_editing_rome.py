@@ -201,7 +201,7 @@ def test_hand_written_adam_matches_torch():
     g = torch.Generator().manual_seed(0)
     ours = torch.zeros(5, dtype=torch.float64)
     theirs = torch.zeros(5, dtype=torch.float64, requires_grad=True)
-    mine, ref = Adam(ours, lr=0.5), torch.optim.Adam([theirs], lr=0.5)
+    mine, ref = Adam(ours, lr=0.5, weight_decay=0.1), torch.optim.Adam([theirs], lr=0.5, weight_decay=0.1)
     for _ in range(7):
         grad = torch.randn(5, dtype=torch.float64, generator=g)
         mine.step(grad)

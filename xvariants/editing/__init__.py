@@ -12,8 +12,11 @@ Public functions:
   cache_dir=None) -> KeyStats``: C = E[kkᵀ] of a layer's keys, float64, cached as safetensors;
   ``collect_key_stats(model, layer, batches, ...)`` for any batch iterable; too few keys or an
   ill-conditioned C raise :class:`StatsError` with the count needed.
-* ``rome_edit(model, tokenizer, request, *, layer, stats, options=ROMEOptions(), apply=True)``
-* ``memit_edit(model, tokenizer, requests, *, layers, stats, options=MEMITOptions(), apply=True)``
+* ``rome_edit(model, tokenizer, request, *, layer, stats, options=ROMEOptions(), apply=True,
+  prefixes=None)``; for a Universal Transformer ``ROMEOptions.key_step`` is a step, ``"peak"``
+  (``peak_step(model, tokenizer, request)``, a causal trace of the bare prompt) or ``"mean"``.
+* ``memit_edit(model, tokenizer, requests, *, layers, stats, options=MEMITOptions(), apply=True,
+  prefix_groups=None)``
 * ``ft_edit(model, tokenizer, requests, *, layer, options=FTOptions(), apply=True)``
   All three return an :class:`EditResult` (``deltas``: ΔW per weight path in float64,
   ``info``: keys, targets, losses, seconds); ``result.restore()`` or ``with result:`` puts the

@@ -23,6 +23,7 @@ from xvariants.editing.deltas import EditResult, WeightSnapshot
 from xvariants.editing.requests import EditError, EditRequest, encode_request
 from xvariants.editing.rome import as_request
 from xvariants.editing.runs import device_of, edit_site, eval_mode, logits_at, pad
+from xvariants.editing.values import Adam
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,9 @@ def ft_edit(model: nn.Module, tokenizer: Any, requests: EditRequest | dict | Seq
     try:
         with eval_mode(model) as inner:
             dev = device_of(inner)
-            for p in inner.parameters():
+            for p in inner.parameters():  # no graph through the frozen weights
                 p.requires_grad_(p is weight)
-            opt = torch.optim.Adam([weight], lr=options.lr, weight_decay=options.weight_decay)
+            adam = Adam(weight, options.lr, weight_decay=options.weight_decay)
             for _ in range(options.num_steps):
                 total, count = 0.0, 0
                 for at in range(0, len(encoded), options.batch_size):
@@ -83,9 +84,8 @@ def ft_edit(model: nn.Module, tokenizer: Any, requests: EditRequest | dict | Seq
                     total += loss.item() * len(chunk)
                     count += len(chunk)
                     if loss.item() >= options.stop_loss:
-                        opt.zero_grad()
-                        loss.backward()
-                        opt.step()
+                        (grad,) = torch.autograd.grad(loss, [weight])
+                        adam.step(grad)
                     if options.norm_constraint is not None:
                         with torch.no_grad():
                             eps = options.norm_constraint
@@ -93,7 +93,6 @@ def ft_edit(model: nn.Module, tokenizer: Any, requests: EditRequest | dict | Seq
                 losses.append(total / count)
                 if losses[-1] < options.stop_loss:
                     break
-            weight.grad = None
     except BaseException:
         snapshot.restore()
         raise

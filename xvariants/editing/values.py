@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from xvariants.editing.requests import SLOT, EditRequest, encode_request
+from xvariants.editing.requests import SLOT, EditError, EditRequest, encode_request
 from xvariants.editing.runs import device_of, eval_mode, logits_at, pad
 from xvariants.interpret.hooks import find_body
 
@@ -72,7 +72,9 @@ def fit_target(model: nn.Module, tokenizer: Any, request: EditRequest, prefixes:
     step, the same δ at each) at the subject's last token. ``prefixes[0]`` must be ``""``.
     ``active_hooks``: per hook name, the ACT running mask that says which steps v_init averages."""
     if not prefixes or prefixes[0] != "":
-        raise ValueError("prefixes[0] must be the empty prefix (v_init is read on the bare prompt)")
+        raise EditError("prefixes[0] must be the empty prefix (v_init is read on the bare prompt)")
+    if options.v_num_grad_steps < 1:
+        raise EditError(f"v_num_grad_steps must be >= 1, got {options.v_num_grad_steps}")
     rewrites = [encode_request(tokenizer, request, p, target=request.target_new) for p in prefixes]
     kl_request = EditRequest(options.kl_prompt if SLOT in options.kl_prompt else SLOT + " " + options.kl_prompt,
                              request.subject, request.target_new)
@@ -86,7 +88,7 @@ def fit_target(model: nn.Module, tokenizer: Any, request: EditRequest, prefixes:
         targets += list(enc.target)
     seqs.append(list(kl.ids))
     lookups = [enc.lookup for enc in rewrites] + [kl.lookup]
-    n_rw, n_target = len(rewrites), len(rewrites[0].target)
+    n_rw = len(rewrites)
     with eval_mode(model) as inner:
         dev = device_of(inner)
         dtype = next(inner.parameters()).dtype
@@ -97,6 +99,7 @@ def fit_target(model: nn.Module, tokenizer: Any, request: EditRequest, prefixes:
         cols_t = torch.as_tensor(cols + [kl.lookup], device=dev)
         targets_t = torch.as_tensor(targets, device=dev)
         per_row = torch.as_tensor(rows, device=dev)
+        n_target = torch.bincount(per_row, minlength=n_rw).double()  # target tokens per prompt
         seen: dict[str, torch.Tensor] = {}
         delta = torch.zeros(d_model_of(inner), dtype=dtype, device=dev, requires_grad=True)
 
@@ -142,12 +145,13 @@ def fit_target(model: nn.Module, tokenizer: Any, request: EditRequest, prefixes:
 
 
 class Adam:
-    """Adam on one tensor, the update of ``torch.optim.Adam`` (betas 0.9/0.999, eps 1e-8, no
-    weight decay) written out: constructing the library optimiser imports ``torch._dynamo``,
-    seconds that a one-edit process would spend before its first step."""
+    """Adam on one tensor, the update of ``torch.optim.Adam`` (betas 0.9/0.999, eps 1e-8, L2
+    ``weight_decay`` added to the gradient) written out: constructing the library optimiser
+    imports ``torch._dynamo``, seconds that a one-edit process would spend before its first step."""
 
-    def __init__(self, param: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        self.param, self.lr, self.betas, self.eps = param, lr, betas, eps
+    def __init__(self, param: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        self.param, self.lr, self.betas, self.eps, self.weight_decay = param, lr, betas, eps, weight_decay
         self.m = torch.zeros_like(param)
         self.v = torch.zeros_like(param)
         self.t = 0
@@ -156,6 +160,8 @@ class Adam:
     def step(self, grad: torch.Tensor) -> None:
         b1, b2 = self.betas
         self.t += 1
+        if self.weight_decay:
+            grad = grad.add(self.param, alpha=self.weight_decay)
         self.m.mul_(b1).add_(grad, alpha=1 - b1)
         self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
         denom = (self.v.sqrt() / math.sqrt(1 - b2**self.t)).add_(self.eps)
