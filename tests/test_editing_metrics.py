@@ -64,6 +64,8 @@ def test_multi_token_targets_use_the_mean_token_nll():
     rest_near = (1 - 0.7) / (len(WORDS) - 2)
     expected_second = -(math.log(rest_near) + math.log(0.25)) / 2
     np.testing.assert_allclose(nll, [expected_first, expected_second], rtol=1e-12)
+    whole = target_nll(Bigram(), TOK, ["Ann lives in", "Bob is near"], "Oslo Rome", reduce="sum")
+    np.testing.assert_allclose(whole, [2 * expected_first, 2 * expected_second], rtol=1e-12)
 
 
 def test_ties_count_as_failures():

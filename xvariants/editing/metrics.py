@@ -1,7 +1,8 @@
 """CounterFact-style evaluation (``experiments/py/eval_utils_counterfact.py``, ``summarize.py``).
 
 For every prompt the mean per-token NLL of " target_new" and of " target_true" (teacher forced;
-a multi-token target is scored on all its tokens, the original's ``test_batch_prediction``);
+a multi-token target is scored on all its tokens and divided by their count, as the original's
+``test_batch_prediction``; ``reduce="sum"`` scores the whole target's log-probability instead);
 p = exp(−NLL). Per record:
 
 * ES / EM: on the rewrite prompt, the fraction with p(new) > p(true) / the mean p(new) − p(true);
@@ -38,8 +39,12 @@ _WORDS = re.compile(r"\w+|[^\w\s]")
 
 @torch.no_grad()
 def target_nll(model: nn.Module, tokenizer: Any, prompts: Sequence[str], target: str,
-               batch_rows: int = 64) -> np.ndarray:
-    """Mean per-token NLL (nats) of ``target`` continuing each prompt (after one space)."""
+               batch_rows: int = 64, reduce: str = "mean") -> np.ndarray:
+    """NLL (nats) of ``target`` continuing each prompt (after one space): the mean over the
+    target's tokens (``reduce="mean"``, the original's) or their sum (``"sum"``, -log p of the
+    whole target)."""
+    if reduce not in ("mean", "sum"):
+        raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
     out = []
     encs = [encode(tokenizer, p, target=target) for p in prompts]
     with eval_mode(model) as inner:
@@ -56,7 +61,9 @@ def target_nll(model: nn.Module, tokenizer: Any, prompts: Sequence[str], target:
             logits = logits_at(inner, pad(seqs, dev), torch.as_tensor(rows, device=dev), torch.as_tensor(cols, device=dev))
             nll = -torch.log_softmax(logits.double(), -1).gather(1, torch.as_tensor(targets, device=dev)[:, None])[:, 0]
             sums = torch.zeros(len(chunk), dtype=torch.float64, device=dev).index_add(0, torch.as_tensor(rows, device=dev), nll)
-            out.append((sums / torch.as_tensor([len(e.target) for e in chunk], device=dev)).cpu().numpy())
+            if reduce == "mean":
+                sums = sums / torch.as_tensor([len(e.target) for e in chunk], device=dev)
+            out.append(sums.cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -102,9 +109,10 @@ def _compare(new: np.ndarray, true: np.ndarray, flip: bool) -> tuple[float, floa
 
 def record_metrics(model: nn.Module, tokenizer: Any, record: Mapping[str, Any], *, fluency: bool = False,
                    generation_prompts: Sequence[str] | None = None, gen_tokens: int = 100, top_k: int = 5,
-                   seed: int = 0) -> RecordMetrics:
+                   seed: int = 0, reduce: str = "mean") -> RecordMetrics:
     """Evaluate ``model`` on one CounterFact-style record (edited or not).
 
+    :param reduce: how a many-token target's NLL is formed (:func:`target_nll`).
     :param fluency: also sample ``gen_tokens`` tokens (top-k) from each generation prompt —
         the record's ``generation_prompts``, else its rewrite and paraphrase prompts — and report
         their mean n-gram entropy.
@@ -116,7 +124,8 @@ def record_metrics(model: nn.Module, tokenizer: Any, record: Mapping[str, Any], 
         "paraphrase": list(record.get("paraphrase_prompts", [])),
         "neighborhood": list(record.get("neighborhood_prompts", [])),
     }
-    nll = {k: (target_nll(model, tokenizer, p, new), target_nll(model, tokenizer, p, true)) for k, p in prompts.items()}
+    nll = {k: (target_nll(model, tokenizer, p, new, reduce=reduce), target_nll(model, tokenizer, p, true, reduce=reduce))
+           for k, p in prompts.items()}
     es, em = _compare(*nll["rewrite"], flip=False)
     ps, pm = _compare(*nll["paraphrase"], flip=False)
     ns, nm = _compare(*nll["neighborhood"], flip=True)
