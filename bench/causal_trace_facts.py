@@ -173,7 +173,8 @@ def main() -> None:
     out = Path(args.out)
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    extra: dict = {"command": command_line(), "machine": machine_info(torch.device("cpu"))}
+    extra_path = out / "facts_models_extra.json"
+    extra = json.loads(extra_path.read_text()) if extra_path.exists() else {}
     for name in args.models:
         ckpt = Path(args.runs) / name / "checkpoints" / "last.ckpt"
         model, hp = load_model(ckpt)
@@ -187,13 +188,14 @@ def main() -> None:
                                       Path(args.scratch))
         seconds = time.perf_counter() - started
         summary[name] = entry
-        extra[name] = {"known_of_chosen": [len(subset), n_chosen], "trace_seconds": seconds,
+        extra[name] = {"command": command_line(), "machine": machine_info(torch.device("cpu")),
+                       "known_of_chosen": [len(subset), n_chosen], "trace_seconds": seconds,
                        "seconds_per_fact": seconds / max(1, entry["n_facts"]), "ponder": ponder_summary(per_fact)}
         if name == "facts_xl":
             extra[name]["memory"] = memory_trace(ckpt, subset, args.memory_facts, out)
         summary_path.parent.mkdir(parents=True, exist_ok=True)
         summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-        (out / "facts_models_extra.json").write_text(json.dumps(extra, indent=2) + "\n")
+        extra_path.write_text(json.dumps(extra, indent=2) + "\n")
         print(f"{name}: {json.dumps(entry)}")
 
 
