@@ -102,7 +102,8 @@ def main() -> None:
             n_e = len(next(iter(m["aie_by_category_and_entry"].values()))["aie"])
             md += ["", f"## Through memory ({name}): the subject only in the previous segment", "",
                    f"{m['n_facts']} facts ({m['skipped_wrong']} skipped: wrong through memory); p clean "
-                   f"{_f(m['p_clean'])}, corrupted {_f(m['p_corrupt'])}. AIE of restoring memory entry e "
+                   f"{_f(m['p_clean'])}, corrupted {_f(m['p_corrupt'])}. The previous segment ends with the subject, so "
+                   "the last memory position is the last subject token. AIE of restoring memory entry e "
                    f"({m['entries']}) at memory positions of each category; peak {_f(m['peak_aie'])} at "
                    f"{m['peak_token_category']}, entry {m['peak_entry']}.", "",
                    markdown_table(["memory positions"] + [f"entry {e}" for e in range(n_e)],
