@@ -34,14 +34,14 @@ def gpt2(**over):
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg)).eval()
 
 
-def llama():
+def llama(**over):
     import transformers
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=L, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
-    )
+    cfg = {"vocab_size": V, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": L, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "max_position_embeddings": 64}
+    cfg.update(over)
+    cfg = transformers.LlamaConfig(**cfg)
     return transformers.LlamaForCausalLM(cfg).eval()
 
 

@@ -151,6 +151,7 @@ def trace_fact(
     strict: bool = True,
     seed: int = 1,
     batch_rows: int = 1024,
+    fast: bool = True,
 ) -> TraceResult:
     """Trace one fact: every token x layer x kind.
 
@@ -163,6 +164,8 @@ def trace_fact(
     :param answer: expected answer token; None = the clean prediction. With ``strict`` a
         different prediction raises :class:`WrongPrediction`; otherwise p(answer) is traced.
     :param seed: noise seed. :param batch_rows: most rows per forward pass.
+    :param fast: resume passes at each cell's first layer where the model can (same scores up
+        to float rounding, :mod:`.resume`); False = full passes.
     """
     tokens, (start, end) = check_prompt(model, tokens, subject_range)
     require(isinstance(window, int) and window >= 1, "window", f"must be >= 1, got {window!r}")
@@ -172,7 +175,8 @@ def trace_fact(
     check_samples(samples)
     T = tokens.numel()
     with EvalMode(model):
-        patcher = Patcher(model, tokens, (start, end), level, samples=samples, seed=seed, sites=sites, batch_rows=batch_rows)
+        patcher = Patcher(model, tokens, (start, end), level, samples=samples, seed=seed, sites=sites, batch_rows=batch_rows,
+                          fast=fast)
         base, answer, p_clean, p_corrupt = _baseline(patcher, answer, strict)
         cells = [Cell(t, sites.window(k, layer, window)) for k in kinds for t in range(T) for layer in range(len(sites.names[k]))]
         run = patcher.run(cells, answer=answer)
@@ -213,6 +217,7 @@ def severed_trace(
     strict: bool = True,
     seed: int = 1,
     batch_rows: int = 1024,
+    fast: bool = True,
 ) -> SeveredResult:
     """The severed experiment (ROME's ``trace_with_repatch``): per layer l restore the residual
     state at ``token`` (default: the last subject token) while the MLP or attention outputs at
@@ -231,7 +236,8 @@ def severed_trace(
     L = sites.n_layers
     frozen_names = [n for s in sever if s != "none" for n in sites.names[s]]
     with EvalMode(model):
-        patcher = Patcher(model, tokens, (start, end), level, samples=samples, seed=seed, sites=sites, batch_rows=batch_rows)
+        patcher = Patcher(model, tokens, (start, end), level, samples=samples, seed=seed, sites=sites, batch_rows=batch_rows,
+                          fast=fast)
         base, answer, p_clean, p_corrupt = _baseline(patcher, answer, strict, frozen_names)
         # ACT: steps the corrupted run never reached have no corrupted value to keep
         frozen = {s: tuple(n for n in sites.names.get(s, ()) if n in base.recorded) for s in sever}

@@ -136,6 +136,8 @@ class HookedCausalLM(nn.Module):
         self.body = HookBody(n_layers, self.d_model, pos_embed=bool(pos))
         self._parts = [self._layer_parts(layer) for layer in self.layers]
         self._resid_pre: dict[int, torch.Tensor] = {}
+        self._record_inputs: dict[int, torch.Tensor] | None = None  # set by the resumer's checkpoint
+        self._silent = False  # the resumer's argument-preparing call fires no hook point
         self._handles = [embed.register_forward_hook(self._through(self.body.hook_embed))]
         if pos:
             self._handles.append(pos[0].register_forward_hook(self._through(self.body.hook_pos_embed)))
@@ -199,12 +201,11 @@ class HookedCausalLM(nn.Module):
         )
 
     # ------------------------------------------------------------------ forward hooks
-    @staticmethod
-    def _through(point: HookPoint):
+    def _through(self, point: HookPoint):
         """Forward hook: pass the module's output through ``point``; None when nobody listens."""
 
         def hook(module, args, output):
-            if not point.has_hooks():
+            if self._silent or not point.has_hooks():
                 return None
             old = _first(output)
             new = point(old)
@@ -232,6 +233,8 @@ class HookedCausalLM(nn.Module):
         new = hooks.hook_resid_pre(x) if hooks.hook_resid_pre.has_hooks() else x
         if hooks.hook_resid_mid.has_hooks():
             self._resid_pre[i] = new
+        if self._record_inputs is not None:
+            self._record_inputs[i] = new
         if new is x:
             return None
         if positional:
@@ -264,6 +267,16 @@ class HookedCausalLM(nn.Module):
             return self.hf(input_ids=tokens, **kwargs) if tokens is not None else self.hf(**kwargs)
         finally:
             self._resid_pre.clear()
+
+    def layer_resumer(self):
+        """A :class:`~xvariants.interpret.resume.Resumer` (causal tracing's fast path), or None
+        for layouts it cannot resume (:mod:`.hf_resume`)."""
+        from xvariants.interpret.hf_resume import HFResumer
+
+        try:
+            return HFResumer(self)
+        except NotImplementedError:
+            return None
 
     def close(self) -> None:
         """Remove the forward hooks from the Hugging Face model (the adapter is unusable after)."""

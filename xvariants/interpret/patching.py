@@ -15,11 +15,17 @@ body computes each row on its own, and the universal bodies halt per position. O
 computes some steps on a subset of rows (universal_xl skips rows whose positions have all
 halted); its block-internal points then fire with fewer rows, and the ``steps.{n}.hook_active``
 mask of that step says which (the body's rule: rows with a running position).
+
+Fast path: on a model that can resume a forward at a layer (:mod:`.resume`: the Hugging Face
+adapter, the vanilla body), the clean and corrupted rows run once and each pass starts every
+cell's rows at the first layer and token the cell restores, with logits at the last position
+only; ``fast=False`` runs every pass through the whole model (the reference it is tested against).
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +33,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from xvariants.interpret.hooks import HookSite, HookTable, hooks, unwrap_model
+from xvariants.interpret.hooks import HookTable, hooks, unwrap_model
+from xvariants.interpret.patch_hooks import act_rows, patch, prefix_rows, recorder, remember
+from xvariants.interpret.resume import LayerCheckpoint, layer_resumer
 
 #: trace kinds -> the per-layer (per-step) hook point they restore
 KIND_POINTS = {"resid": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
@@ -158,10 +166,13 @@ class Patcher:
     :param samples: corrupted rows per cell (with a std).
     :param seed: seed of the noise draw (with a std): one draw, reused by every cell and pass.
     :param batch_rows: most rows per forward pass (at least one cell always goes in).
+    :param fast: resume passes at each cell's first layer when the model can
+        (:mod:`.resume`); False = every pass runs the whole model (the reference path).
     """
 
     def __init__(self, model: nn.Module, tokens: torch.Tensor, subject: tuple[int, int], noise: float | torch.Tensor,
-                 *, samples: int = 10, seed: int = 1, sites: TraceSites | None = None, batch_rows: int = 1024):
+                 *, samples: int = 10, seed: int = 1, sites: TraceSites | None = None, batch_rows: int = 1024,
+                 fast: bool = True):
         self.model = unwrap_model(model)
         self.tokens, self.subject = tokens.to(next(self.model.parameters()).device), subject
         self.level, self.seed = noise, seed
@@ -170,6 +181,13 @@ class Patcher:
         self.sites = sites or trace_sites(model)
         self.per_pass = max(1, (batch_rows - 1) // self.samples)
         self.table = HookTable(self.model)
+        self.resumer = layer_resumer(self.model) if fast else None
+        self._checkpoint: LayerCheckpoint | None = None
+
+    @property
+    def resumes(self) -> bool:
+        """Whether :meth:`run` takes the resumed (fast) path where it can."""
+        return self.resumer is not None
 
     @torch.no_grad()
     def run(self, cells: Sequence[Cell], *, answer: int | None = None, all_positions: bool = False,
@@ -177,14 +195,16 @@ class Patcher:
         """Run ``cells`` (chunked), returning the distributions at the last position (every
         position with ``all_positions``), or only the probability of ``answer``; ``record``
         names are kept from the rows of the first cell (use with :data:`CORRUPTED`)."""
+        if self.resumer is not None and not all_positions and not record:
+            starts = [self._start(cell) for cell in cells]
+            if _PLAIN not in starts and self._resume_checkpoint() is not None:
+                return self._run_resumed(cells, starts, answer, frozen or {})
         cleans, probs, ups, recorded = [], [], [], {}
         clean_up = None
         for i in range(0, len(cells), self.per_pass):
             chunk = cells[i : i + self.per_pass]
             logits, maps, rec = self._pass(chunk, record if i == 0 else (), frozen or {}, all_positions)
-            p = torch.softmax(logits.double(), dim=-1)
-            if answer is not None:
-                p = p[..., answer : answer + 1]
+            p = _probs(logits, answer)
             cleans.append(p[0])
             probs.append(p[1:].reshape(len(chunk), self.samples, *p.shape[1:]))
             recorded.update(rec)
@@ -194,13 +214,22 @@ class Patcher:
                 ups.append(n[1:].reshape(len(chunk), self.samples, -1))
         return PatchRun(cleans[0], torch.cat(probs), clean_up, torch.cat(ups) if ups else None, recorded)
 
-    # ------------------------------------------------------------------ one pass
-    def _pass(self, cells: Sequence[Cell], record: Sequence[str], frozen: dict[str, torch.Tensor], all_positions: bool):
-        S, T = self.samples, self.tokens.numel()
-        R = 1 + S * len(cells)
-        device = self.tokens.device
-        batch = self.tokens.reshape(1, T).expand(R, T)
-        running: dict[int, torch.Tensor] = {}
+    # ------------------------------------------------------------------ one full pass
+    def _corrupt(self, n_cells: int):
+        s0, s1 = self.subject
+
+        def corrupt(act, site):
+            if self.noise is None:  # drawn at the width the embedding has, once per Patcher
+                self.noise = draw_noise(self.level, self.samples, s1 - s0, act.size(-1), self.seed)
+            act = act.clone()
+            act[1:, s0:s1] += self.noise.to(act.device, act.dtype).repeat(n_cells, 1, 1)
+            return act
+
+        return corrupt
+
+    def _patches(self, cells: Sequence[Cell], frozen: dict[str, torch.Tensor], locate, offset: int = 0) -> list:
+        """Restore / freeze hooks of ``cells`` laid out as rows ``1 + c*samples + k``."""
+        S, device = self.samples, self.tokens.device
         restore, freeze = defaultdict(list), defaultdict(list)
         for c, cell in enumerate(cells):
             rows = torch.arange(1 + c * S, 1 + (c + 1) * S, device=device)
@@ -211,79 +240,85 @@ class Patcher:
                 if name not in frozen:
                     raise ValueError(f"freeze: no recorded corrupted values for {name!r}")
                 freeze[name].append((rows, cell.token))
-        s0, s1 = self.subject
+        return [(name, patch(restore.get(name, []), freeze.get(name, []), frozen.get(name), S, locate, offset))
+                for name in set(restore) | set(freeze)]
 
-        def corrupt(act, site):
-            if self.noise is None:  # drawn at the width the embedding has, once per Patcher
-                self.noise = draw_noise(self.level, S, s1 - s0, act.size(-1), self.seed)
-            act = act.clone()
-            act[1:, s0:s1] += self.noise.to(act.device, act.dtype).repeat(len(cells), 1, 1)
-            return act
-
-        fwd = [(self.sites.embed, corrupt)]
-        if restore or freeze or record:
-            fwd += [(name, _remember(running)) for name in self.sites.active]
-        for name in set(restore) | set(freeze):
-            fwd.append((name, self._patch(R, restore.get(name, []), freeze.get(name, []), frozen.get(name), running)))
+    def _pass(self, cells: Sequence[Cell], record: Sequence[str], frozen: dict[str, torch.Tensor], all_positions: bool):
+        T = self.tokens.numel()
+        R = 1 + self.samples * len(cells)
+        batch = self.tokens.reshape(1, T).expand(R, T)
+        running: dict[int, torch.Tensor] = {}
+        locate = act_rows(R, running)
+        patches = self._patches(cells, frozen, locate)
+        fwd = [(self.sites.embed, self._corrupt(len(cells)))]
+        if patches or record:
+            fwd += [(name, remember(running)) for name in self.sites.active]
         rec: dict[str, torch.Tensor] = {}
-        for name in record:
-            fwd.append((self.table.resolve(name), _recorder(rec, R, running)))
+        fwd += patches + [(self.table.resolve(name), recorder(rec, R, locate)) for name in record]
         with hooks(self.model, fwd):
             logits, maps = lm_logits(self.model, batch, all_positions)
         return logits, maps, {k: v[1:] for k, v in rec.items()}
 
-    def _patch(self, R: int, restore, freeze, values, running):
-        def index(pairs):  # every (row, token) pair of the cells that touch this point
-            if not pairs:
+    # ------------------------------------------------------------------ resumed passes
+    def _start(self, cell: Cell):
+        """``(first layer, first token)`` a cell changes; None = nothing (its rows are the
+        plain corrupted run); :data:`_PLAIN` = a restored point outside the layers."""
+        if not cell.restore:
+            return None
+        toks = torch.as_tensor(cell.token).reshape(-1)
+        if int(toks.max()) < self.subject[0]:  # a decoder's states before the noise are clean already
+            return None
+        layers = [self.table[name].layer for name in cell.restore]
+        return _PLAIN if None in layers else (min(layers), int(toks.min()))
+
+    def _resume_checkpoint(self) -> LayerCheckpoint | None:
+        """The clean + corrupted rows run once and kept. The resumer is checked once against
+        a full pass (its checkpoint, and resuming half-way with nothing restored, must give the
+        model's logits) and dropped with a warning if it fails."""
+        if self._checkpoint is None:
+            T = self.tokens.numel()
+            with hooks(self.model, [(self.sites.embed, self._corrupt(1))]):
+                ckpt = self.resumer.checkpoint(self.tokens.reshape(1, T).expand(1 + self.samples, T))
+            rows = torch.arange(1 + self.samples, device=self.tokens.device)
+            first = torch.full_like(rows, self.resumer.n_layers // 2)
+            again = self.resumer.run_from_layer(ckpt, rows, first, (T - 1) // 2)
+            full = self._pass([CORRUPTED], (), {}, False)[0]
+            diff = max(float((x - full).abs().max()) for x in (ckpt.logits, again))
+            if diff > 1e-3 + 1e-4 * float(full.abs().max()):
+                warnings.warn(f"{type(self.resumer).__name__} does not reproduce the model's logits "
+                              f"(max diff {diff:.3g}); using full passes", stacklevel=3)
+                self.resumer = None
                 return None
-            grids = [torch.cartesian_prod(r, torch.as_tensor(t, device=r.device).reshape(-1)) for r, t in pairs]
-            rows, toks = torch.cat(grids).reshape(-1, 2).unbind(1)
-            return rows, toks
+            self._checkpoint = ckpt
+        return self._checkpoint
 
-        r_idx, f_idx = index(restore), index(freeze)
-
-        def fn(act: torch.Tensor, site: HookSite):
-            local = _local_rows(act, R, site, running)
-            act = act.clone()
-            if r_idx is not None and local[0] >= 0:
-                rows, toks = r_idx
-                keep = local[rows] >= 0
-                act[local[rows[keep]], toks[keep]] = act[local[0], toks[keep]]
-            if f_idx is not None:
-                rows, toks = f_idx
-                vals = values[(rows - 1) % self.samples, toks]  # row 1 + c*S + k holds sample k
-                keep = (local[rows] >= 0) & ~vals.isnan().reshape(len(vals), -1).any(1)
-                act[local[rows[keep]], toks[keep]] = vals[keep].to(act.dtype)
-            return act
-
-        return fn
-
-
-def _remember(running: dict[int, torch.Tensor]):
-    def fn(act, site):
-        running[site.layer] = act
-
-    return fn
+    def _run_resumed(self, cells: Sequence[Cell], starts: list, answer: int | None, frozen: dict[str, torch.Tensor]):
+        """Cells grouped by first token, each group one pass (chunked) whose rows join at their
+        first layer; cells with nothing to recompute take the checkpoint's corrupted rows."""
+        ckpt, S = self._checkpoint, self.samples
+        base = _probs(ckpt.logits, answer)
+        probs = base[1:].repeat(len(cells), 1, 1).reshape(len(cells), S, -1)
+        by_token = defaultdict(list)
+        for i, start in enumerate(starts):
+            if start is not None:
+                by_token[start[1]].append(i)
+        for token, idx in sorted(by_token.items()):
+            idx.sort(key=lambda i: starts[i][0])
+            for c0 in range(0, len(idx), self.per_pass):
+                chunk = idx[c0 : c0 + self.per_pass]
+                first = torch.tensor([starts[chunk[0]][0]] + [starts[i][0] for i in chunk for _ in range(S)])
+                rows = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(1, S + 1).repeat(len(chunk))])
+                R = rows.numel()
+                with hooks(self.model, self._patches([cells[i] for i in chunk], frozen, prefix_rows(R), token)):
+                    logits = self.resumer.run_from_layer(ckpt, rows.to(ckpt.logits.device), first, token)
+                probs[chunk] = _probs(logits, answer)[1:].reshape(len(chunk), S, -1)
+        return PatchRun(base[0], probs, None, None, {})
 
 
-def _local_rows(act: torch.Tensor, R: int, site: HookSite, running: dict[int, torch.Tensor]) -> torch.Tensor:
-    """Batch row -> row of ``act`` (-1 = not computed at this firing)."""
-    if act.size(0) == R:
-        return torch.arange(R, device=act.device)
-    mask = running.get(site.layer)
-    if mask is None or int(mask.any(1).sum()) != act.size(0):
-        raise RuntimeError(f"{site.name} fired with {act.size(0)} of {R} rows and no running mask explains which")
-    present = mask.any(1).nonzero().squeeze(1)
-    local = torch.full((R,), -1, dtype=torch.long, device=act.device)
-    local[present] = torch.arange(present.numel(), device=act.device)
-    return local
+#: a cell the resumed path cannot serve
+_PLAIN = "plain"
 
 
-def _recorder(rec: dict[str, torch.Tensor], R: int, running):
-    def fn(act, site):
-        local = _local_rows(act, R, site, running)
-        full = act.new_full((R, *act.shape[1:]), float("nan"))
-        full[local >= 0] = act[local[local >= 0]]
-        rec[site.name] = full
-
-    return fn
+def _probs(logits: torch.Tensor, answer: int | None) -> torch.Tensor:
+    p = torch.softmax(logits.double(), dim=-1)
+    return p if answer is None else p[..., answer : answer + 1]

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from xvariants.config_errors import check_positive_int, config_scope, require
-from xvariants.layers.attention import DecodingCache
+from xvariants.layers.attention import DecodingCache, KVCache
 from xvariants.layers.block import TransformerBlock
 from xvariants.layers.init import init_gpt2
 from xvariants.layers.rotary import RotaryEmbedding
@@ -111,6 +111,12 @@ class VanillaBody(Body):
             if attentions is not None:
                 attentions.append(w)
         return BodyOutput(self.ln_f(h), None, AuxOutput(attentions=attentions))
+
+    def run_block(self, i: int, h: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Block ``i`` alone on ``h`` ``[B, T, D]``; ``kv_cache`` holds the keys/values of the
+        positions before ``h``'s (causal tracing resumes a forward at a layer with it:
+        :mod:`xvariants.interpret.resume`)."""
+        return self.blocks[i](h, causal=self.causal, kv_cache=kv_cache)[0]
 
     def new_cache(self) -> DecodingCache | None:
         # a bidirectional body's earlier positions change with every new token: nothing to cache
