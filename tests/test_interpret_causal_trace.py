@@ -257,3 +257,33 @@ def test_memory_trace_needs_a_memory_body():
 
     with pytest.raises(ConfigError, match="model.*segment memory"):
         trace_memory(make_lm(VANILLA), TOKENS, SUBJECT, TOKENS[:3])
+
+
+def test_saved_traces_load_back_and_average_the_same():
+    """TraceResult / SeveredResult.from_dict invert to_dict through JSON, n/a cells included,
+    so the per-fact files of a cut-short batch run can be averaged again."""
+    import json
+
+    from xvariants.interpret.causal_effects import average_effects, average_severed
+    from xvariants.interpret.causal_trace import SeveredResult, TraceResult, severed_trace, trace_fact
+    from xvariants.models import build_language_model
+
+    torch.manual_seed(0)
+    lm = build_language_model({"body": "universal", "act": True, "d_model": 32, "n_heads": 2, "d_ff": 64,
+                               "max_steps": 3, "dropout": 0.0, "max_len": 32}, 50).eval()
+    facts = [(torch.tensor([3, 4, 5, 6, 7]), (1, 3)), (torch.tensor([9, 8, 7, 6]), (0, 2))]
+    traces = [trace_fact(lm, t, s, noise=0.5, samples=3, strict=False) for t, s in facts]
+    sev = [severed_trace(lm, t, s, noise=0.5, samples=3, answer=r.answer) for (t, s), r in zip(facts, traces)]
+    back = [TraceResult.from_dict(json.loads(json.dumps(r.to_dict()))) for r in traces]
+    sev_back = [SeveredResult.from_dict(json.loads(json.dumps(r.to_dict()))) for r in sev]
+    for a, b in zip(traces, back):
+        for k in a.scores:
+            assert torch.equal(a.na[k], b.na[k])
+            torch.testing.assert_close(a.scores[k].double().masked_fill(a.na[k], 0), b.scores[k].masked_fill(b.na[k], 0))
+    want, got = average_effects(traces), average_effects(back)
+    for k, v in want.summary().items():
+        assert got.summary()[k] == (pytest.approx(v) if isinstance(v, float) else v), k
+    for k in want.aie:
+        torch.testing.assert_close(got.aie[k], want.aie[k], equal_nan=True)
+    for k, curve in average_severed(sev).items():
+        assert average_severed(sev_back)[k]["aie"] == pytest.approx(curve["aie"], nan_ok=True)

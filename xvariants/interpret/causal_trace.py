@@ -102,6 +102,18 @@ class TraceResult:
             "ponder": None if self.ponder is None else {k: plain(v) for k, v in self.ponder.items()},
         }
 
+    @classmethod
+    def from_dict(cls, d: dict) -> TraceResult:
+        """The inverse of :meth:`to_dict` (n/a scores come back as NaN with ``na`` set), so the
+        per-fact files of a batch run can be averaged again, e.g. when the run was cut short."""
+        scores = {k: torch.tensor([[float("nan") if v is None else v for v in row] for row in rows], dtype=torch.float64)
+                  for k, rows in d["scores"].items()}
+        ponder = None if d.get("ponder") is None else {k: torch.tensor(v) for k, v in d["ponder"].items()}
+        return cls(torch.tensor(d["tokens"]), tuple(d["subject_range"]), int(d["answer"]), float(d["p_clean"]),
+                   float(d["p_corrupt"]), float(d["noise"]), int(d["samples"]), int(d["window"]),
+                   scores=scores, na={k: v.isnan() for k, v in scores.items()}, ponder=ponder,
+                   categories={k: list(v) for k, v in d["categories"].items()})
+
 
 @dataclass
 class SeveredResult:
@@ -121,6 +133,14 @@ class SeveredResult:
         na = self.na.tolist()
         return {"token": self.token, "answer": self.answer, "p_clean": self.p_clean, "p_corrupt": self.p_corrupt,
                 "curves": {k: [None if m else p for p, m in zip(v.tolist(), na)] for k, v in self.curves.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SeveredResult:
+        """The inverse of :meth:`to_dict`."""
+        curves = {k: torch.tensor([float("nan") if v is None else v for v in c], dtype=torch.float64)
+                  for k, c in d["curves"].items()}
+        return cls(int(d["token"]), int(d["answer"]), float(d["p_clean"]), float(d["p_corrupt"]), curves,
+                   next(iter(curves.values())).isnan())
 
 
 def _baseline(patcher: Patcher, answer: int | None, strict: bool, record: Sequence[str] = ()):
