@@ -27,6 +27,7 @@ from xvariants.editing.requests import EditError
 from xvariants.interpret.hooks import HookTable, find_body, hooks, unwrap_model
 from xvariants.interpret.mlp_memory import MLPMemory, mlp_memory
 from xvariants.interpret.patching import lm_logits
+from xvariants.modes import eval_modes
 
 _KEY = re.compile(r"^(?:blocks|steps)\.(\d+)\.mlp\.hook_post$")
 
@@ -98,16 +99,9 @@ def edit_site(model: nn.Module, layer: int, steps: Sequence[int] | None = None) 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """The unwrapped network in eval mode (no dropout), then every submodule back to its own
-    mode (``train(was)`` on the root would also flip children that were set apart, e.g. a
-    Hugging Face model in eval mode inside a fresh wrapper)."""
-    inner = unwrap_model(model)
-    modes = [(m, m.training) for m in inner.modules()]
-    inner.eval()
-    try:
+    mode (:func:`xvariants.modes.eval_modes`)."""
+    with eval_modes(unwrap_model(model)) as inner:
         yield inner
-    finally:
-        for m, was in modes:
-            m.training = was
 
 
 def device_of(model: nn.Module) -> torch.device:
