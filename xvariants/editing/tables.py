@@ -61,12 +61,15 @@ class Table:
     :param records: per evaluated record, its metrics (with every edit of its group in place).
     :param groups: the case ids edited together, per group (one id each for single edits).
     :param edit_seconds: wall seconds of each group's editor call.
+    :param edit_cpu_seconds: this process's CPU seconds of the same calls (steadier than wall time
+        on a machine shared with other jobs).
     :param skipped: ``{"case_ids", "reason"}`` of records or groups left out.
     """
 
     records: list[RecordMetrics] = field(default_factory=list)
     groups: list[list[Any]] = field(default_factory=list)
     edit_seconds: list[float] = field(default_factory=list)
+    edit_cpu_seconds: list[float] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -77,6 +80,10 @@ class Table:
     def seconds_per_edit(self) -> float | None:
         """Editor wall time per edited record (None when nothing was edited)."""
         return sum(self.edit_seconds) / self.n_edits if self.n_edits and self.edit_seconds else None
+
+    @property
+    def cpu_seconds_per_edit(self) -> float | None:
+        return sum(self.edit_cpu_seconds) / self.n_edits if self.n_edits and self.edit_cpu_seconds else None
 
     def aggregate(self) -> dict[str, dict[str, float]]:
         return aggregate(self.records)
@@ -119,13 +126,13 @@ def run_table(model: nn.Module, tokenizer: Any, records: Sequence[Mapping[str, A
         ids = [record.get("case_id") for record, _ in group]
         results: list[EditResult] = []
         try:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 results = editor([r for _, r in group]) if editor is not None else []
             except EditError as e:
                 table.skipped.append({"case_ids": ids, "reason": str(e)})
                 continue
-            seconds = time.perf_counter() - t0
+            seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
             metrics = [record_metrics(model, tokenizer, record, fluency=fluency, reduce=reduce) for record, _ in group]
         finally:
             for result in reversed(results):
@@ -134,6 +141,7 @@ def run_table(model: nn.Module, tokenizer: Any, records: Sequence[Mapping[str, A
         if editor is not None:
             table.groups.append(ids)
             table.edit_seconds.append(seconds)
+            table.edit_cpu_seconds.append(cpu)
         if progress is not None:
             progress(min(at + batch, len(usable)), len(usable))
     if model_fingerprint(model) != before:

@@ -139,6 +139,7 @@ def evaluate(source: EditSource, settings: EditSettings, records: list[dict], *,
         "model": source.name, "checkpoint": source.ckpt_path, "method": settings.method, "options": used,
         "batch": batch, "sequential": sequential, "n_records": len(records), "n_evaluated": len(table.records),
         "n_edits": table.n_edits, "stats": stats_info, "seconds_per_edit": table.seconds_per_edit,
+        "cpu_seconds_per_edit": table.cpu_seconds_per_edit,
         "edit_seconds": sum(table.edit_seconds), "aggregate": table.aggregate(), "skipped": table.skipped,
         "groups": table.groups, "records": [r.to_dict() for r in table.records],
     }

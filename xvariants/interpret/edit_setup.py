@@ -181,6 +181,9 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
 
+WHERE_DATA = "set XVARIANTS_DATA_DIR to the data folder it was trained with, or give stats=PATH"
+
+
 def training_corpus(source: EditSource) -> StatsCorpus:
     """A checkpoint's train split, rebuilt from its data config (only when called for)."""
     hp = source.hparams or {}
@@ -192,10 +195,23 @@ def training_corpus(source: EditSource) -> StatsCorpus:
     digest = ((meta.get("text_sha256") or {}).get("train") or "")[:12]
 
     def ids() -> np.ndarray:
+        from xvariants.data.corpora.base import CorpusNotFoundError
         from xvariants.loading import build_datamodule
 
-        dm = build_datamodule(dict(hp["data"]), hp.get("tokenizer_state"))
-        dm.setup("fit")
+        data = {**hp["data"], "corpus": dict(hp["data"].get("corpus") or {})}
+        if data["corpus"].get("mix") == "auto" and meta.get("mix"):
+            # "auto" takes the first filler found from here; another one would be another text
+            data["corpus"]["mix"] = meta["mix"]
+        try:
+            dm = build_datamodule(data, hp.get("tokenizer_state"))
+            dm.setup("fit")
+        except CorpusNotFoundError as e:
+            raise UsageError(f"stats=auto: cannot rebuild the training text of {source.ckpt_path} from here ({e}); "
+                             f"{WHERE_DATA}") from None
+        rebuilt = (dm.meta.get("text_sha256") or {}).get("train", "")
+        if digest and not rebuilt.startswith(digest):
+            raise UsageError(f"stats=auto: the rebuilt training text of {source.ckpt_path} is not the one it was "
+                             f"trained on (sha256 {rebuilt[:12]}, recorded {digest}); {WHERE_DATA}")
         return np.array(dm.tokens("train"))  # a writable copy of the read-only memmap
 
     known = (meta.get("tokens") or {}).get("train")
@@ -243,10 +259,17 @@ def stats_for(source: EditSource, settings: EditSettings, layers: tuple[int, ...
     limit = getattr(source.model, "max_context", None) or 128
     seq_len = min(int(((source.hparams or {}).get("data") or {}).get("seq_len") or 128), limit)
 
+    from xvariants.editing.runs import edit_site
+
+    # a Universal Transformer's steps share one weight and so one C (keys pooled over steps)
+    shared = edit_site(source.model, layers[0]).memory.shared
     t0 = time.perf_counter()
     try:
-        stats = {layer: key_stats(source.model, layer, ids, corpus=corpus.name, n_tokens=n, seq_len=seq_len,
-                                  step=step, cache_dir=settings.stats_cache) for layer in layers}
+        stats = {}
+        for layer in layers:
+            stats[layer] = stats[layers[0]] if shared and stats else key_stats(
+                source.model, layer, ids, corpus=corpus.name, n_tokens=n, seq_len=seq_len, step=step,
+                cache_dir=settings.stats_cache)
     except StatsError as e:
         raise UsageError(f"{e} (stats_tokens=N sets the count; stats=PATH another text)") from None
     info = {"corpus": corpus.description, "cache_name": corpus.name, "n_tokens": n, "seq_len": seq_len,
