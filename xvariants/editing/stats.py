@@ -175,6 +175,8 @@ def collect_key_stats(model: nn.Module, layer: int, batches: Iterable[torch.Tens
                 else:
                     lm_logits(inner, batch, False)
             for key_name, active_name in zip(site.key_hooks, site.active_hooks):
+                if key_name not in got:  # ACT: every position of the batch halted before this step
+                    continue
                 k = got[key_name].reshape(-1, d)
                 if active_name is not None and active_name in got:
                     k = k[got[active_name].reshape(-1).bool()]
