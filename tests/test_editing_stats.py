@@ -54,12 +54,16 @@ def test_cache_round_trip_and_keys(tmp_path, monkeypatch):
     monkeypatch.setattr(stats_module, "collect_key_stats", no_streaming)
     again = key_stats(lm, 0, STATS_IDS, corpus="mix", n_tokens=2048, seq_len=64, cache_dir=tmp_path)
     assert torch.equal(again.moment, first.moment) and again.count == first.count == 2048
+    lazy = key_stats(lm, 0, no_streaming, corpus="mix", n_tokens=2048, seq_len=64, cache_dir=tmp_path)
+    assert torch.equal(lazy.moment, first.moment)  # a corpus function is not called on a cache hit
     monkeypatch.undo()
+    built = key_stats(lm, 0, lambda: STATS_IDS, corpus="mix", n_tokens=1024, seq_len=64, cache_dir=tmp_path)
+    assert built.n_tokens == 1024  # ... and called on a miss
     key_stats(lm, 0, STATS_IDS, corpus="mix", n_tokens=2560, seq_len=64, cache_dir=tmp_path)  # another count
     with torch.no_grad():
         lm.body.blocks[0].mlp.fc1.weight.mul_(1.01)  # another model
     key_stats(lm, 0, STATS_IDS, corpus="mix", n_tokens=2048, seq_len=64, cache_dir=tmp_path)
-    assert len(list(tmp_path.rglob("*.safetensors"))) == 3
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 4
 
 
 def test_too_few_keys_name_the_count_needed():

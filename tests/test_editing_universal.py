@@ -119,3 +119,26 @@ def test_edits_run_on_a_model_with_memory_without_touching_its_state():
         assert torch.isfinite(edited.logits).all()
     plain = lm(ids[:, 8:], state=first.state)
     assert not torch.allclose(edited.logits, plain.logits)
+
+
+def test_steps_every_position_halted_before_are_left_out():
+    """Under ACT a step that no position reaches fires no hook (the loop stops): the statistics
+    pool only the steps that ran, and ROME's step-averaged key is then that of the steps run."""
+    from tests.editing_common import BODIES
+    from xvariants.editing import collect_key_stats
+    from xvariants.models import build_language_model
+
+    torch.manual_seed(0)
+    cfg = {"d_model": 32, "n_heads": 2, "dropout": 0.0, **BODIES["universal-act"], "halting_bias_init": 20.0}
+    lm = build_language_model(cfg, TOK.vocab_size).double().eval()
+    ids = torch.as_tensor(STATS_IDS[:3072]).reshape(-1, 64)
+    _, cache = run_with_cache(lm, ids[:2], [f"steps.{t}.mlp.hook_post" for t in range(STEPS)])
+    assert list(cache) == ["steps.0.mlp.hook_post"]  # every position halts after step 0
+    pooled = collect_key_stats(lm, 0, [ids[:24], ids[24:]])
+    first = collect_key_stats(lm, 0, [ids[:24], ids[24:]], step=0)
+    assert pooled.count == first.count == 3072 and torch.equal(pooled.moment, first.moment)
+    mean = rome_edit(lm, TOK, REQUEST, layer=0, stats=pooled, apply=False, options=replace(FAST_ROME, key_step="mean"))
+    step0 = rome_edit(lm, TOK, REQUEST, layer=0, stats=pooled, apply=False, options=replace(FAST_ROME, key_step=0))
+    assert mean.info["steps"] == [0, 1, 2] and torch.allclose(mean.info["k0"], step0.info["k0"], atol=1e-12)
+    (a,), (b,) = mean.deltas.values(), step0.deltas.values()
+    assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)

@@ -22,6 +22,7 @@ from xvariants.interpret.causal_trace import (
     trace_many,
 )
 from xvariants.interpret.patching import CORRUPTED, Cell, Patcher, trace_sites
+from xvariants.interpret.trace_args import EvalMode
 from xvariants.models import build_language_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -159,6 +160,26 @@ def test_embedding_std_is_the_std_of_the_subject_embeddings():
     assert sigma == pytest.approx(float(lm.embed.tok.weight[ids].detach().double().std()), rel=1e-9)
     a = trace_fact(lm, TOKENS, SUBJECT, noise="s3", sigma=sigma, kinds=("resid",), **FAST)
     assert a.noise == pytest.approx(3 * sigma)
+
+
+def test_a_trace_gives_every_submodule_its_own_mode_back():
+    """A wrapper in train mode around a network in eval mode (a fresh adapter around a Hugging
+    Face model): after tracing, the network must still be in eval mode, its dropout off."""
+
+    class Wrapper(torch.nn.Module):  # the shape of a Lightning task: the network under .model
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+    wrapper = Wrapper(make_lm(VANILLA))
+    wrapper.model.eval()
+    assert wrapper.training
+    trace_fact(wrapper, TOKENS, SUBJECT, noise=0.1, kinds=("resid",), **FAST)
+    assert wrapper.training and not any(m.training for m in wrapper.model.modules())
+    with pytest.raises(RuntimeError), EvalMode(wrapper):  # an error inside the block restores them too
+        assert not wrapper.training
+        raise RuntimeError("inside")
+    assert wrapper.training and not any(m.training for m in wrapper.model.modules())
 
 
 def test_average_effects_by_token_category():

@@ -260,15 +260,17 @@ def test_smollm2_knows_the_capital_of_france():
 
 
 # ---------------------------------------------------------------------- the trace CLI
-def word_level_folder(folder, words: list[str]):
-    """A random GPT-2 and a whitespace word-level fast tokenizer, saved as a local model folder."""
+def word_level_folder(folder, words: list[str], eos: str | None = None):
+    """A random GPT-2 and a whitespace word-level fast tokenizer, saved as a local model folder
+    (``eos``: an end-of-text token, which ROME's context prefixes start from)."""
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {w: i for i, w in enumerate(["[UNK]", *words])}
+    vocab = {w: i for i, w in enumerate(["[UNK]", *words, *([eos] if eos else [])])}
     core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]").save_pretrained(folder)
+    special = {"eos_token": eos} if eos else {}
+    transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", **special).save_pretrained(folder)
     gpt2(vocab_size=len(vocab)).save_pretrained(folder)
     return folder
 
@@ -296,3 +298,37 @@ def test_trace_cli_on_a_local_hugging_face_folder(tmp_path, capsys):
     assert "(sigma over the subject tokens of this prompt" in out.out and (tmp_path / "out" / "trace.png").exists()
     rc = main(["trace", f"hf_model={folder}", f"prompt={prompt}", "subject=eiffel tow"])
     assert rc == 2 and "'eiffel tow' covers part of token 2 'tower'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- the edit CLI
+def test_edit_cli_on_a_local_hugging_face_folder(tmp_path, capsys):
+    """ROME through the adapter: the saved safetensors hold the Hugging Face names with exactly
+    one weight changed by a rank-one ΔW, and the process-wide cached model is unedited after."""
+    import random
+
+    from safetensors.torch import load_file
+
+    from xvariants.interpret.cli import main
+    from xvariants.interpret.hf_causal import load_hf_causal_lm
+
+    words = ["the", "eiffel", "tower", "is", "in", "paris", "rome", "city", "a", "of"]
+    folder = word_level_folder(tmp_path / "tiny-gpt2", words, eos="[EOS]")
+    text = tmp_path / "stats.txt"
+    rng = random.Random(0)
+    text.write_text(" ".join(rng.choice(words) for _ in range(3000)))
+    model, _ = load_hf_causal_lm(str(folder))  # the cached object the command loads and edits
+    before = {k: v.clone() for k, v in model.hf.state_dict().items()}
+    out_file = tmp_path / "edited.safetensors"
+    rc = main(["edit", f"hf_model={folder}", "prompt=the eiffel tower is in", "subject=eiffel tower", "target_new=rome",
+               "target_true=paris", "layer=1", f"stats={text}", f"stats_cache={tmp_path / 'cache'}", f"save={out_file}",
+               "generate=2"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "p(rome)" in out.out and "safetensors" in out.out
+    saved = load_file(out_file)
+    assert saved.keys() == before.keys()
+    changed = [k for k in saved if not torch.equal(saved[k], before[k])]
+    assert changed == ["transformer.h.1.mlp.c_proj.weight"]
+    delta = (saved[changed[0]] - before[changed[0]]).double()
+    assert torch.linalg.matrix_rank(delta, rtol=1e-4) == 1
+    assert all(torch.equal(v, before[k]) for k, v in model.hf.state_dict().items())

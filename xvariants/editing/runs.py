@@ -27,6 +27,7 @@ from xvariants.editing.requests import EditError
 from xvariants.interpret.hooks import HookTable, find_body, hooks, unwrap_model
 from xvariants.interpret.mlp_memory import MLPMemory, mlp_memory
 from xvariants.interpret.patching import lm_logits
+from xvariants.modes import eval_modes
 
 _KEY = re.compile(r"^(?:blocks|steps)\.(\d+)\.mlp\.hook_post$")
 
@@ -98,16 +99,9 @@ def edit_site(model: nn.Module, layer: int, steps: Sequence[int] | None = None) 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """The unwrapped network in eval mode (no dropout), then every submodule back to its own
-    mode (``train(was)`` on the root would also flip children that were set apart, e.g. a
-    Hugging Face model in eval mode inside a fresh wrapper)."""
-    inner = unwrap_model(model)
-    modes = [(m, m.training) for m in inner.modules()]
-    inner.eval()
-    try:
+    mode (:func:`xvariants.modes.eval_modes`)."""
+    with eval_modes(unwrap_model(model)) as inner:
         yield inner
-    finally:
-        for m, was in modes:
-            m.training = was
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -141,8 +135,9 @@ def read_at(model: nn.Module, names: Sequence[str], seqs: Sequence[Sequence[int]
             batch_rows: int = 64) -> dict[str, torch.Tensor]:
     """Activation ``name`` at token ``lookups[i]`` of row ``i`` for each name, on the CPU
     (float64 for float activations), read in batches of ``batch_rows`` rows; a name that
-    never fired (an ACT mask of a fixed-step run) is absent."""
-    parts: dict[str, list[torch.Tensor]] = {}
+    never fired (an ACT mask of a fixed-step run, a step every position halted before) is
+    absent, and rows of a batch in which it did not fire are zeros (under ACT: not running)."""
+    parts: dict[str, list[torch.Tensor | int]] = {}
     with eval_mode(model) as inner:
         dev = device_of(inner)
         for at in range(0, len(seqs), batch_rows):
@@ -158,9 +153,16 @@ def read_at(model: nn.Module, names: Sequence[str], seqs: Sequence[Sequence[int]
 
             with hooks(inner, [(n, grab) for n in dict.fromkeys(names)]):
                 lm_logits(inner, batch, False)
-            for name, value in got.items():
-                parts.setdefault(name, []).append(value)
-    return {name: torch.cat(v) for name, v in parts.items()}
+            for name in dict.fromkeys(names):  # a row count stands for a batch where it did not fire
+                parts.setdefault(name, []).append(got.get(name, len(chunk)))
+    out = {}
+    for name, chunks in parts.items():
+        fired = [c for c in chunks if isinstance(c, torch.Tensor)]
+        if fired:
+            like = fired[0]
+            out[name] = torch.cat([c if isinstance(c, torch.Tensor) else like.new_zeros((c, *like.shape[1:]))
+                                   for c in chunks])
+    return out
 
 
 def read_site(model: nn.Module, site: EditSite, seqs: Sequence[Sequence[int]], lookups: Sequence[int],
@@ -171,11 +173,22 @@ def read_site(model: nn.Module, site: EditSite, seqs: Sequence[Sequence[int]], l
     active = [n for n in site.active_hooks if n is not None]
     got = read_at(model, [*site.key_hooks, *site.value_hooks, *active], seqs, lookups, batch_rows)
     n = len(seqs)
-    w = torch.stack([got[a].double() if a is not None and a in got else torch.ones(n, dtype=torch.float64)
-                     for a in site.active_hooks])
+    ran = [name for name in site.key_hooks if name in got]
+    if not ran:
+        raise EditError(f"no row ran step(s) {list(site.steps)}: no key to read there")
+    zeros = torch.zeros_like(got[ran[0]])
+
+    def weight(key: str, act: str | None) -> torch.Tensor:
+        if key not in got:  # a step no row ran
+            return torch.zeros(n, dtype=torch.float64)
+        return got[act].double() if act is not None and act in got else torch.ones(n, dtype=torch.float64)
+
+    w = torch.stack([weight(key, a) for key, a in zip(site.key_hooks, site.active_hooks)])
     total = w.sum(0)
-    k = (w[..., None] * torch.stack([got[name] for name in site.key_hooks])).sum(0) / total[:, None]
-    v = (w[..., None] * torch.stack([got[name] for name in site.value_hooks])).sum(0) / total[:, None]
+    k = (w[..., None] * torch.stack([got.get(name, zeros) for name in site.key_hooks])).sum(0) / total[:, None]
+    d_v = next(got[name] for name in site.value_hooks if name in got)
+    v = (w[..., None] * torch.stack([got.get(name, torch.zeros_like(d_v)) for name in site.value_hooks])).sum(0) \
+        / total[:, None]
     return k, v, total > 0
 
 

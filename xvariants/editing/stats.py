@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,6 +175,8 @@ def collect_key_stats(model: nn.Module, layer: int, batches: Iterable[torch.Tens
                 else:
                     lm_logits(inner, batch, False)
             for key_name, active_name in zip(site.key_hooks, site.active_hooks):
+                if key_name not in got:  # ACT: every position of the batch halted before this step
+                    continue
                 k = got[key_name].reshape(-1, d)
                 if active_name is not None and active_name in got:
                     k = k[got[active_name].reshape(-1).bool()]
@@ -195,11 +197,13 @@ def stats_path(cache_dir: str | Path, fingerprint: str, corpus: str, layer: int,
     return Path(cache_dir) / fingerprint / (corpus or "corpus") / f"{at}_n{n_tokens}_T{seq_len}.safetensors"
 
 
-def key_stats(model: nn.Module, layer: int, ids: np.ndarray | torch.Tensor, *, corpus: str, n_tokens: int,
-              seq_len: int = 128, batch_size: int = 16, step: int | str | None = None,
+def key_stats(model: nn.Module, layer: int, ids: np.ndarray | torch.Tensor | Callable[[], np.ndarray | torch.Tensor],
+              *, corpus: str, n_tokens: int, seq_len: int = 128, batch_size: int = 16, step: int | str | None = None,
               cache_dir: str | Path | None = None, max_condition: float = MAX_CONDITION) -> KeyStats:
     """:func:`collect_key_stats` over the first ``n_tokens`` of the token stream ``ids`` (named
-    ``corpus``), loaded from / saved to ``cache_dir`` when given, then :meth:`KeyStats.check`."""
+    ``corpus``), loaded from / saved to ``cache_dir`` when given, then :meth:`KeyStats.check`.
+    ``ids`` may be a function returning the stream: it is called only when the cache misses
+    (rebuilding a training corpus can take longer than the statistics themselves)."""
     from safetensors.torch import load_file, save_file
 
     fp = model_fingerprint(model)
@@ -210,6 +214,8 @@ def key_stats(model: nn.Module, layer: int, ids: np.ndarray | torch.Tensor, *, c
         data = load_file(str(path))
         stats = KeyStats(data["moment"], int(data["count"]), int(data["n_tokens"]), layer, step, corpus, fp)
     else:
+        if callable(ids):
+            ids = ids()
         stats = collect_key_stats(model, layer, stream_batches(ids, n_tokens, seq_len, batch_size), step=step,
                                   corpus=corpus, fingerprint=fp)
         stats.check(max_condition)

@@ -181,9 +181,13 @@ def _mean_init(seen: dict[str, torch.Tensor], names: Sequence[str], active: dict
     """v_init: the bare prompt's activation, averaged over the steps at which its subject token ran."""
     vals, weights = [], []
     for i, n in enumerate(names):
+        if n not in seen:  # a step every position halted before: it did not run
+            continue
         a = active_hooks[i] if i < len(active_hooks) else None
         weights.append(float(active[a]) if a is not None and a in active else 1.0)
         vals.append(seen[n])
+    if not vals:
+        raise ValueError("the subject's last token ran none of the chosen steps")
     w = torch.tensor(weights, dtype=torch.float64)
     if float(w.sum()) == 0:
         raise ValueError("the subject's last token ran none of the chosen steps")

@@ -6,6 +6,10 @@ Commands:
   trace   causal tracing (the ROME paper): where a model keeps a fact, for one prompt or a
           known-facts file (``python -m xvariants.interpret trace --help``;
           :mod:`xvariants.interpret.trace_cli`)
+  edit    rewrite one fact (ROME, MEMIT or constrained fine-tuning), show the model before and
+          after, optionally save it (:mod:`xvariants.interpret.edit_cli`)
+  edit_eval  CounterFact-style tables of many edits: single edits and batches
+          (:mod:`xvariants.interpret.edit_eval_cli`)
 
 A bad option or input ends as one ``error:`` line and exit status 2; a missing optional extra
 (the Hugging Face models) as exit status 3.
@@ -22,9 +26,9 @@ HELP = ("-h", "--help", "help")
 
 def _commands() -> dict:
     # imported here: ``--help`` and a mistyped command answer without loading torch-heavy modules
-    from xvariants.interpret import flow_cli, trace_cli
+    from xvariants.interpret import edit_cli, edit_eval_cli, flow_cli, trace_cli
 
-    return {"flow": flow_cli, "trace": trace_cli}
+    return {"flow": flow_cli, "trace": trace_cli, "edit": edit_cli, "edit_eval": edit_eval_cli}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from torch import nn
 from xvariants.config_errors import ConfigError, require
 from xvariants.interpret.hooks import unwrap_model
 from xvariants.interpret.patching import KIND_POINTS, TraceSites
+from xvariants.modes import eval_modes
 
 KINDS = tuple(KIND_POINTS)
 
@@ -70,15 +71,5 @@ def check_kinds(kinds: Sequence[str] | None, sites: TraceSites) -> tuple[str, ..
     return kinds
 
 
-class EvalMode:
-    """Eval mode (no dropout, no ACT warm-up ticks) for the block, then the mode it had."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.was = self.model.training
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        self.model.train(self.was)
+#: eval mode for a trace, then each submodule's own previous mode (the name the tracing code uses)
+EvalMode = eval_modes
