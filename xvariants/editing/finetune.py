@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from xvariants.editing.deltas import EditResult, WeightSnapshot
-from xvariants.editing.requests import EditError, EditRequest, encode_request
+from xvariants.editing.requests import EditError, EditRequest, encode_request, teacher_forced_batch
 from xvariants.editing.rome import as_request
 from xvariants.editing.runs import device_of, edit_site, eval_mode, logits_at, pad
 from xvariants.editing.values import Adam
@@ -69,14 +69,8 @@ def ft_edit(model: nn.Module, tokenizer: Any, requests: EditRequest | dict | Seq
                 total, count = 0.0, 0
                 for at in range(0, len(encoded), options.batch_size):
                     chunk = encoded[at : at + options.batch_size]
-                    seqs, rows, cols, targets, norm = [], [], [], [], []
-                    for i, enc in enumerate(chunk):
-                        ids, positions = enc.teacher_forced()
-                        seqs.append(ids)
-                        rows += [i] * len(positions)
-                        cols += positions
-                        targets += list(enc.target)
-                        norm += [1.0 / len(positions)] * len(positions)
+                    seqs, rows, cols, targets = teacher_forced_batch(chunk)
+                    norm = [1.0 / len(chunk[r].target) for r in rows]  # each prompt's mean NLL
                     logits = logits_at(inner, pad(seqs, dev), torch.as_tensor(rows, device=dev),
                                        torch.as_tensor(cols, device=dev))
                     nll = -torch.log_softmax(logits.float(), -1).gather(1, torch.as_tensor(targets, device=dev)[:, None])[:, 0]

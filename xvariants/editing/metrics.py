@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from xvariants.editing.requests import encode
+from xvariants.editing.requests import encode, teacher_forced_batch
 from xvariants.editing.runs import decode, device_of, eval_mode, logits_at, pad, sample
 
 #: per-record metric names (ES, PS, NS and their magnitudes; fluency when generations ran)
@@ -51,13 +51,7 @@ def target_nll(model: nn.Module, tokenizer: Any, prompts: Sequence[str], target:
         dev = device_of(inner)
         for at in range(0, len(encs), batch_rows):
             chunk = encs[at : at + batch_rows]
-            seqs, rows, cols, targets = [], [], [], []
-            for i, enc in enumerate(chunk):
-                ids, positions = enc.teacher_forced()
-                seqs.append(ids)
-                rows += [i] * len(positions)
-                cols += positions
-                targets += list(enc.target)
+            seqs, rows, cols, targets = teacher_forced_batch(chunk)
             logits = logits_at(inner, pad(seqs, dev), torch.as_tensor(rows, device=dev), torch.as_tensor(cols, device=dev))
             nll = -torch.log_softmax(logits.double(), -1).gather(1, torch.as_tensor(targets, device=dev)[:, None])[:, 0]
             sums = torch.zeros(len(chunk), dtype=torch.float64, device=dev).index_add(0, torch.as_tensor(rows, device=dev), nll)

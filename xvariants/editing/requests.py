@@ -10,7 +10,7 @@ re-tokenising pieces. A target continues its prompt after one space and may be s
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +99,22 @@ class Encoded:
         whose next-token distributions score the target tokens, in order."""
         n = len(self.ids)
         return list(self.ids) + list(self.target[:-1]), list(range(n - 1, n - 1 + len(self.target)))
+
+
+def teacher_forced_batch(encs: Sequence[Encoded]) -> tuple[list[list[int]], list[int], list[int], list[int]]:
+    """``(sequences, rows, positions, target ids)`` for scoring every target token of ``encs`` in
+    one padded batch: target token k sits at ``(rows[k], positions[k])``."""
+    seqs: list[list[int]] = []
+    rows: list[int] = []
+    cols: list[int] = []
+    targets: list[int] = []
+    for i, enc in enumerate(encs):
+        ids, positions = enc.teacher_forced()
+        seqs.append(ids)
+        rows += [i] * len(positions)
+        cols += positions
+        targets += list(enc.target)
+    return seqs, rows, cols, targets
 
 
 def encode(tokenizer: Any, text: str, *, subject: tuple[int, int] | None = None, target: str | None = None) -> Encoded:

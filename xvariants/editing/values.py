@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from xvariants.editing.requests import SLOT, EditError, EditRequest, encode_request
+from xvariants.editing.requests import SLOT, EditError, EditRequest, encode_request, teacher_forced_batch
 from xvariants.editing.runs import device_of, eval_mode, logits_at, pad
 from xvariants.interpret.hooks import find_body
 
@@ -79,13 +79,7 @@ def fit_target(model: nn.Module, tokenizer: Any, request: EditRequest, prefixes:
     kl_request = EditRequest(options.kl_prompt if SLOT in options.kl_prompt else SLOT + " " + options.kl_prompt,
                              request.subject, request.target_new)
     kl = encode_request(tokenizer, kl_request)
-    seqs, rows, cols, targets = [], [], [], []
-    for i, enc in enumerate(rewrites):
-        ids, positions = enc.teacher_forced()
-        seqs.append(ids)
-        rows += [i] * len(positions)
-        cols += positions
-        targets += list(enc.target)
+    seqs, rows, cols, targets = teacher_forced_batch(rewrites)
     seqs.append(list(kl.ids))
     lookups = [enc.lookup for enc in rewrites] + [kl.lookup]
     n_rw = len(rewrites)
