@@ -182,6 +182,8 @@ def main() -> None:
     extra = json.loads(extra_path.read_text()) if extra_path.exists() else {}
     for name in args.models:
         ckpt = Path(args.runs) / name / "checkpoints" / "last.ckpt"
+        if not ckpt.is_file():
+            raise SystemExit(f"{ckpt} does not exist; train it first (python bench/facts_models.py --train)")
         model, hp = load_model(ckpt)
         tok = tokenizer_from_dict(hp["tokenizer_state"])
         records = load_known_facts(hp["data_meta"]["facts_files"]["known_facts"])

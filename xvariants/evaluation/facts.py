@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from xvariants.data.spans import encode_fact
+from xvariants.modes import eval_modes
 
 
 @dataclass
@@ -91,9 +92,7 @@ def predict_next(model: nn.Module, prompts: Sequence[Sequence[int]], batch_size:
         by_len[len(p)].append(i)
     limit = getattr(model, "max_context", None)
     out = [0] * len(prompts)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_modes(model):
         device = next(model.parameters()).device
         for length, idx in sorted(by_len.items()):
             if limit is not None and length > limit:
@@ -104,8 +103,6 @@ def predict_next(model: nn.Module, prompts: Sequence[Sequence[int]], batch_size:
                 logits, _ = lm_logits(model, batch, all_positions=False)
                 for i, tok in zip(rows, logits.argmax(-1).tolist()):
                     out[i] = tok
-    finally:
-        model.train(was_training)
     return out
 
 

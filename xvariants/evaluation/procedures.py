@@ -31,6 +31,7 @@ import torch
 from xvariants.config_errors import ConfigError, require
 from xvariants.evaluation.streams import EvalResult, check_attention_length, sliding_plan
 from xvariants.models.contract import detach_state
+from xvariants.modes import eval_modes
 
 PROCEDURES = ("auto", "sliding", "segments")
 #: input tokens per sliding-window forward (windows of all streams are batched up to this)
@@ -72,13 +73,9 @@ def _progress(total: int, desc: str, enabled: bool):
 
 @contextlib.contextmanager
 def _eval_mode(model):
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():  # not inference_mode: bodies may inspect tensor versions (xl kv cache)
-            yield
-    finally:
-        model.train(was)
+    # not inference_mode: bodies may inspect tensor versions (xl kv cache)
+    with eval_modes(model), torch.no_grad():
+        yield
 
 
 @contextlib.contextmanager

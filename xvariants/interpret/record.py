@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from xvariants.interpret.hooks import HookTable, find_body, run_with_cache, unwrap_model
+from xvariants.modes import eval_modes
 
 #: hook names of a body that applies one shared layer step after step (Universal Transformers)
 STEP_PREFIX = "steps."
@@ -199,13 +200,9 @@ def record_attention(
     tokens = tokens.to(device)
     table = HookTable(net)
     wanted = [n for n in table if n.endswith("attn.hook_pattern") or n.endswith(".hook_active")]
-    was_training = net.training
-    net.eval()
-    try:
-        kwargs = {"state": state} if state is not None else {}
+    kwargs = {"state": state} if state is not None else {}
+    with eval_modes(net):
         _, cache = run_with_cache(net, tokens, wanted, device="cpu", fwd_hooks=fwd_hooks, **kwargs)
-    finally:
-        net.train(was_training)
     patterns = sorted((cache.meta[n]["step"], n) for n in cache if n.endswith("attn.hook_pattern"))
     if not patterns:
         raise RuntimeError("no attention pattern fired: is this an xvariants model with attention hook points?")

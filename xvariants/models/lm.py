@@ -13,6 +13,7 @@ from xvariants.constants import IGNORE_INDEX
 from xvariants.layers.init import init_gpt2
 from xvariants.models.contract import AuxOutput, Body, BodyOutput, State
 from xvariants.models.heads import InputEmbedding, LinearHead
+from xvariants.modes import eval_modes
 
 
 @dataclass
@@ -175,9 +176,7 @@ class LanguageModel(nn.Module):
         """
         if prompt.dim() != 2 or prompt.size(1) == 0:
             raise ValueError(f"prompt must be [B, T0] with T0 >= 1, got {tuple(prompt.shape)}")
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_modes(self):
             seq = prompt
             limit = self.max_context
             cache = None if self.body.stateful else self.body.new_cache()
@@ -196,8 +195,6 @@ class LanguageModel(nn.Module):
                 else:
                     feed = seq if limit is None else seq[:, -limit:]
             return seq
-        finally:
-            self.train(was_training)
 
 
 def sample_next(
